@@ -1,0 +1,290 @@
+"""The loss core shared by the token-level trainers and ``control/``.
+
+Design decisions (see ``docs/methods.md`` for the math):
+
+* Every loss is a pure torch function of per-sequence (tokens) or per-segment
+  (control) log-probability sums of shape ``(B,)``. Nothing here knows about
+  tokens, states, models, devices or processes.
+* Functions return *per-example* losses ``(B,)``; the caller reduces. The one
+  exception is :func:`presa_lagrangian`, which is defined on batch means.
+* No module state and no device moves. The only stateful object is
+  :class:`LagrangeMultiplier`, the dual variable of PRESA, which both worlds
+  hold outside the autograd graph and save in their checkpoints.
+* Losses are picked by name from :data:`LOSS_REGISTRY`; an unknown name is a
+  ``ValueError`` that lists the valid names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "cpl_loss",
+    "dpo_loss",
+    "safety_margin",
+    "safety_loss",
+    "safety_prob",
+    "presa_lagrangian",
+    "LagrangeMultiplier",
+    "gaussian_kl",
+    "prior_penalty",
+    "LOSS_REGISTRY",
+    "PREFERENCE_LOSSES",
+    "get_loss",
+    "get_preference_loss",
+]
+
+
+# --------------------------------------------------------------------------- preferences
+
+
+def cpl_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    alpha: float,
+    bias: float = 1.0,
+) -> torch.Tensor:
+    """Contrastive Preference Learning (Hejna et al., ICLR 2024), per example.
+
+    ``-log sigmoid(alpha * S(chosen) - bias * alpha * S(rejected))`` with ``bias`` the
+    conservative bias lambda in (0, 1]. Pass reference-adjusted sums
+    (``S - S_ref``) for the CPL-KL variant. Shapes: ``(B,)`` -> ``(B,)``.
+    """
+    logits = alpha * chosen_logps - bias * alpha * rejected_logps
+    # -log sigmoid(x) == softplus(-x), numerically stable for large |x|.
+    return F.softplus(-logits)
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> torch.Tensor:
+    """DPO's sigmoid loss (Rafailov et al., 2023), per example.
+
+    ``-log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))``.
+    It is CPL with ``bias = 1``, ``alpha = beta`` on reference-adjusted sums.
+    """
+    logits = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
+    return F.softplus(-logits)
+
+
+# --------------------------------------------------------------------------- safety labels
+
+
+def _label_sign(is_safe: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # y = +1 for a safe segment, -1 for an unsafe one; accepts bool, {0,1} or {-1,+1}.
+    is_safe = torch.as_tensor(is_safe, device=like.device)
+    if is_safe.dtype == torch.bool:
+        return is_safe.to(like.dtype) * 2 - 1
+    return torch.where(is_safe > 0, 1.0, -1.0).to(like.dtype)
+
+
+def safety_margin(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    is_safe: torch.Tensor,
+    *,
+    beta: float,
+    ref_point: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """Signed safety utility ``y * u`` with ``u = beta * (S - S_ref) - ref_point``.
+
+    ``y = +1`` when the segment is labelled safe and ``-1`` otherwise (PRESA, eq. for
+    ``p(y | sigma)``). ``ref_point`` is KTO's reference point ``z`` already scaled by
+    ``beta``'s units of utility; ``0`` gives TRL's ``apo_zero_unpaired``. Pass a tensor to
+    use a (detached) batch estimate.
+    """
+    u = beta * (logps - ref_logps) - ref_point
+    return _label_sign(is_safe, u) * u
+
+
+def safety_prob(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    is_safe: torch.Tensor,
+    *,
+    beta: float,
+    ref_point: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """Probability the policy assigns to the observed safety label: ``sigmoid(y * u)``."""
+    return torch.sigmoid(safety_margin(logps, ref_logps, is_safe, beta=beta, ref_point=ref_point))
+
+
+def safety_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    is_safe: torch.Tensor,
+    *,
+    beta: float,
+    ref_point: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """KTO-form safety loss ``1 - sigmoid(y * u)``, per example."""
+    return 1.0 - safety_prob(logps, ref_logps, is_safe, beta=beta, ref_point=ref_point)
+
+
+# --------------------------------------------------------------------------- PRESA
+
+
+def presa_lagrangian(
+    pref_loss: torch.Tensor,
+    safety_prob: torch.Tensor,
+    nu: float | torch.Tensor,
+    delta: float,
+) -> torch.Tensor:
+    """PRESA's Lagrangian ``mean(L_pref) + nu * (delta - mean(p(y | sigma)))``, a scalar.
+
+    ``nu`` is the dual variable: it is a constant for the policy gradient (detached here),
+    and is moved only by :meth:`LagrangeMultiplier.update`.
+    """
+    if isinstance(nu, torch.Tensor):
+        nu = nu.detach()
+    return pref_loss.mean() + nu * (delta - safety_prob.mean())
+
+
+@dataclass
+class LagrangeMultiplier:
+    """PRESA's dual variable nu >= 0, moved by projected gradient ascent.
+
+    ``update(p)`` does ``nu <- clip(nu + lr * (delta - p), 0, nu_max)`` where ``p`` is the
+    mean safety probability of the batch. In multi-process training pass the
+    *all-process* mean (e.g. ``accelerator.reduce(p, "mean")``) so every rank holds the
+    same nu; :meth:`update` refuses a tensor with more than one element to make a
+    forgotten reduction loud.
+    """
+
+    delta: float
+    lr: float = 0.1
+    init: float = 1.0
+    nu_max: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.delta <= 1.0:
+            raise ValueError(f"delta must be a probability in [0, 1], got {self.delta}")
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if self.nu_max < 0:
+            raise ValueError(f"nu_max must be >= 0, got {self.nu_max}")
+        if not 0.0 <= self.init <= self.nu_max:
+            raise ValueError(f"init must lie in [0, nu_max={self.nu_max}], got {self.init}")
+        self.value: float = float(self.init)
+        self.num_updates: int = 0
+
+    def __float__(self) -> float:
+        return self.value
+
+    def constraint(self, mean_safety_prob: float | torch.Tensor) -> float:
+        """``delta - p``: positive while the safety constraint is violated."""
+        return self.delta - _as_float(mean_safety_prob)
+
+    def update(self, mean_safety_prob: float | torch.Tensor) -> float:
+        """One projected ascent step; returns the new nu."""
+        p = _as_float(mean_safety_prob)
+        if not math.isfinite(p):
+            raise ValueError(f"mean safety probability is not finite: {p}")
+        self.value = min(max(self.value + self.lr * (self.delta - p), 0.0), self.nu_max)
+        self.num_updates += 1
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {
+            "value": self.value,
+            "num_updates": self.num_updates,
+            "delta": self.delta,
+            "lr": self.lr,
+            "nu_max": self.nu_max,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        # The value and the step count are state; delta / lr / nu_max are configuration and
+        # keep the values this object was built with (a resumed run may change them).
+        self.value = float(state["value"])
+        self.num_updates = int(state.get("num_updates", 0))
+
+
+def _as_float(x: float | torch.Tensor) -> float:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(
+                f"expected a scalar mean safety probability, got a tensor of shape {tuple(x.shape)}; "
+                "reduce it (across processes too) before updating the multiplier"
+            )
+        return float(x.detach().item())
+    return float(x)
+
+
+# --------------------------------------------------------------------------- latents (Safe-CPL / VPL)
+
+
+def gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar)))`` summed over the last dim.
+
+    Shapes: ``(B, d)`` -> ``(B,)``. With no prior it is the standard normal.
+    """
+    if prior_mu is None:
+        prior_mu = torch.zeros_like(mu)
+    if prior_logvar is None:
+        prior_logvar = torch.zeros_like(logvar)
+    kl = 0.5 * (
+        prior_logvar
+        - logvar
+        + (logvar.exp() + (mu - prior_mu) ** 2) / prior_logvar.exp()
+        - 1.0
+    )
+    return kl.sum(-1)
+
+
+def prior_penalty(eps: torch.Tensor) -> torch.Tensor:
+    """Stage-2 regulariser of Safe-CPL: ``||eps||^2`` (negative log prior density up to a
+    constant) for ``z = mu_prior + sigma_prior * eps``. Shapes: ``(B, d)`` -> ``(B,)``."""
+    return (eps**2).sum(-1)
+
+
+# --------------------------------------------------------------------------- registry
+
+#: Preference losses, selectable by ``PresaConfig.pref_loss`` and control configs.
+PREFERENCE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cpl": cpl_loss,
+    "dpo": dpo_loss,
+}
+
+#: Every loss function of this module, by name.
+LOSS_REGISTRY: dict[str, Callable[..., torch.Tensor]] = {
+    **PREFERENCE_LOSSES,
+    "safety": safety_loss,
+    "presa": presa_lagrangian,
+    "gaussian_kl": gaussian_kl,
+    "prior_penalty": prior_penalty,
+}
+
+
+def _lookup(name: str, table: Mapping[str, Callable], kind: str) -> Callable:
+    try:
+        return table[name]
+    except KeyError:
+        valid = ", ".join(sorted(table))
+        raise ValueError(f"unknown {kind} {name!r}; valid names: {valid}") from None
+
+
+def get_loss(name: str) -> Callable[..., torch.Tensor]:
+    """Return the loss function registered under ``name``."""
+    return _lookup(name, LOSS_REGISTRY, "loss")
+
+
+def get_preference_loss(name: str) -> Callable[..., torch.Tensor]:
+    """Return a preference loss (``cpl`` or ``dpo``)."""
+    return _lookup(name, PREFERENCE_LOSSES, "preference loss")
