@@ -1,0 +1,31 @@
+# Every target sets the environment up first (idempotent, fast when nothing changed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: env test train data judge eval bench control-smoke clean-env
+
+env:
+	@scripts/setup_env.sh
+
+## The README's test command: set up, then the whole suite.
+test: env
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## The README's main job: PRESA LoRA on the embedded model and embedded data.
+train: env
+	$(VENV)/bin/accelerate launch --num_processes 1 recipes/presa_lora.py $(ARGS)
+
+data: env
+	$(PY) -m llm_safepref.data build $(ARGS)
+
+judge: env
+	$(PY) -m llm_safepref.judge train $(ARGS)
+
+eval: env
+	$(PY) -m llm_safepref.eval $(ARGS)
+
+clean-env:
+	rm -rf $(VENV)
