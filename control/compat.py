@@ -12,12 +12,16 @@ What: a ``sys.meta_path`` finder that intercepts only the module
 that is read-only and hashable (by value). Dataclasses then accept it as a default, and it
 behaves like the original array everywhere else. No installed file is edited.
 
+It also holds :func:`original_std_streams`, used when building Bullet Safety Gym envs,
+whose pybullet-silencing code breaks when ``sys.stdout``/``sys.stderr`` are replaced.
+
 ``import control`` installs the hook (idempotent). If ``safety_gymnasium.assets.color`` was
 already imported before the hook, :func:`install` patches the loaded module in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -25,7 +29,8 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["FrozenColor", "install", "is_installed", "patch_color_module", "TARGET_MODULE"]
+__all__ = ["FrozenColor", "install", "is_installed", "patch_color_module", "import_bullet_safety_gym",
+           "original_std_streams", "TARGET_MODULE"]
 
 TARGET_MODULE = "safety_gymnasium.assets.color"
 
@@ -96,3 +101,36 @@ def install() -> None:
     loaded = sys.modules.get(TARGET_MODULE)
     if loaded is not None:
         patch_color_module(loaded)
+
+
+@contextlib.contextmanager
+def original_std_streams():
+    """Temporarily point ``sys.stdout``/``sys.stderr`` at the interpreter's original streams.
+
+    Bullet Safety Gym silences pybullet by redirecting ``sys.stdout``/``sys.stderr`` (at
+    builder import and at every env construction) and then looks the stream's *name* up as
+    a libc symbol. When a stream has been replaced (pytest's capture, notebooks), its name is
+    not a libc symbol and Bullet raises ``ValueError: undefined symbol``. Use this around
+    Bullet env construction; output still reaches the same file descriptors.
+    """
+    saved = sys.stdout, sys.stderr
+    try:
+        if getattr(sys.stdout, "name", None) != "<stdout>" and sys.__stdout__ is not None:
+            sys.stdout = sys.__stdout__
+        if getattr(sys.stderr, "name", None) != "<stderr>" and sys.__stderr__ is not None:
+            sys.stderr = sys.__stderr__
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def import_bullet_safety_gym():
+    """Import bullet_safety_gym and its env builder (see :func:`original_std_streams`)."""
+    import importlib
+
+    import bullet_safety_gym
+
+    if "bullet_safety_gym.envs.builder" not in sys.modules:
+        with original_std_streams():
+            importlib.import_module("bullet_safety_gym.envs.builder")
+    return bullet_safety_gym

@@ -1,0 +1,537 @@
+"""Behaviour datasets for the six tasks: build, save, load, validate, cache.
+
+How a dataset is built (``build_dataset``):
+1. One SAC agent per task, conditioned on (user goal, penalty lambda in {0, 10}), is trained
+   online for ``train_steps`` environment steps on ``n_envs`` batched envs, with hindsight
+   relabelling of goal and lambda (see ``control.policies``). Every training transition is
+   kept: early random motion, then increasingly competent safe (lambda = 10) and unsafe
+   (lambda = 0) skills.
+2. The final agent is rolled out for every user goal x lambda x action-noise level
+   (``rollout_episodes`` episodes each), adding Gaussian noise to the mean action.
+
+File format (``<dir>/<task>__<scale>__seed<seed>.npz`` + ``.json`` with the same stem):
+- ``observations``, ``next_observations`` (N, obs_dim) float32; ``actions`` (N, A) float32
+  in [-1, 1];
+- ``costs`` (N,) float32 true per-step cost; ``rewards`` (N, U) float32: the reward of every
+  user goal (column u = user u), recomputable from the features;
+- ``feat__<name>`` (N,) float64: per-step features for relabelling with
+  ``TaskSpec.reward(features, goal)``;
+- ``terminals`` (N,) bool (true termination), ``timeouts`` (N,) bool (episode cut by the
+  time limit or end of collection); ``episode_ids`` (N,) int64, contiguous and increasing;
+  ``timesteps`` (N,) int32;
+- ``goal_ids`` (N,) int16 user goal assigned to the episode (during the uniform-random warm-up
+  the actions ignore it; -1 is accepted for goal-free data),
+  ``penalties`` (N,) float32 lambda of the behaviour policy, ``noise`` (N,) float32 action
+  noise std, ``source`` (N,) int8 (0 = online training, 1 = final-policy rollouts).
+The JSON holds provenance: task, scale, seed, command, version, created (UTC), user goals,
+feature names, the scale and SAC configs, and summary statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from control.tasks import TaskSpec, get_spec, make_task
+
+__all__ = [
+    "VERSION",
+    "ScaleConfig",
+    "SCALES",
+    "scale_config",
+    "Dataset",
+    "BatchCollector",
+    "build_dataset",
+    "load_or_build",
+    "build_and_cache",
+    "save_dataset",
+    "load_dataset",
+    "validate_dataset",
+    "dataset_path",
+    "default_data_dir",
+    "DataError",
+]
+
+VERSION = "control-data-1"  # bump when the format or the build procedure changes
+
+
+class DataError(ValueError):
+    """Malformed dataset or feedback: the message names file, row/column and expectation."""
+
+
+@dataclass
+class ScaleConfig:
+    train_steps: int = field(metadata={"help": "Online SAC environment steps (all envs together)."})
+    warmup_steps: int = field(metadata={"help": "Uniform-random steps before learning starts."})
+    n_envs: int = field(default=4, metadata={"help": "Envs stepped in lockstep with one batched policy call."})
+    updates_per_step: float = field(default=0.5, metadata={"help": "SAC gradient steps per environment step."})
+    hidden: int = field(default=128, metadata={"help": "Width of the SAC MLPs."})
+    batch_size: int = field(default=256, metadata={"help": "SAC batch size."})
+    horizon: int | None = field(default=None, metadata={"help": "Episode length cap; None = the task's own."})
+    rollout_episodes: int = field(default=2, metadata={"help": "Final rollouts per user goal x lambda x noise."})
+    noise_levels: tuple[float, ...] = field(default=(0.1, 0.3), metadata={"help": "Action-noise stds of rollouts."})
+
+    def __post_init__(self):
+        if self.train_steps < self.warmup_steps:
+            raise ValueError(f"train_steps ({self.train_steps}) < warmup_steps ({self.warmup_steps})")
+        if self.n_envs < 1 or self.rollout_episodes < 0:
+            raise ValueError("n_envs must be >= 1 and rollout_episodes >= 0")
+
+
+# Per-scale defaults; some tasks need more steps to learn fast (unsafe) gaits.
+_SMALL_STEPS = {"reach": 40_000, "run": 20_000, "circle": 30_000, "ant_vel": 100_000,
+                "swimmer_vel": 60_000, "halfcheetah_vel": 100_000}
+_PAPER_STEPS = {k: 10 * v for k, v in _SMALL_STEPS.items()}
+
+SCALES = ("smoke", "small", "paper")
+
+
+def scale_config(task: str, scale: str) -> ScaleConfig:
+    """The build settings for (task, scale).
+
+    smoke: seconds (tests); small: the six tasks took ~33 min on one CPU core here; paper: 10x
+    the small SAC budget (hours).
+    """
+    get_spec(task)
+    if scale == "smoke":
+        return ScaleConfig(train_steps=400, warmup_steps=200, n_envs=2, updates_per_step=0.05, hidden=32,
+                           batch_size=64, horizon=80, rollout_episodes=1, noise_levels=(0.3,))
+    if scale == "small":
+        return ScaleConfig(train_steps=_SMALL_STEPS[task], warmup_steps=5_000, n_envs=4, updates_per_step=0.5)
+    if scale == "paper":
+        return ScaleConfig(train_steps=_PAPER_STEPS[task], warmup_steps=10_000, n_envs=8, updates_per_step=1.0,
+                           hidden=256, rollout_episodes=20, noise_levels=(0.0, 0.1, 0.3, 0.5))
+    raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+
+
+# Swimmer needs a long effective horizon to learn to swim fast (MuJoCo lore: gamma ~ 0.999).
+_GAMMA = {"swimmer_vel": 0.999}
+# SAC reward scale during training only (stored rewards are unscaled): Swimmer's speeds are
+# ~0.1 m/s, too small next to the entropy bonus.
+_REWARD_SCALE = {"swimmer_vel": 10.0}
+
+
+# --------------------------------------------------------------------------- collection
+
+
+class _EpisodeBuffer:
+    """Transitions of one running episode (lists of per-step records)."""
+
+    def __init__(self):
+        self.rows: list[dict[str, Any]] = []
+
+
+class BatchCollector:
+    """Steps ``n`` envs of one task in lockstep; auto-resets; stores finished episodes in order.
+
+    The caller computes a batch of actions (n, A) from ``obs`` (n, obs_dim) and ``conds()``
+    (n, goal_dim + 1) = ``[goal / goal_scale, lambda / 10]`` of each env's current behaviour
+    condition, then calls ``step``. ``choose(i) -> (goal_id, lambda, noise)`` picks the
+    condition of env i's next episode.
+    """
+
+    def __init__(self, task: str, n_envs: int, seed: int, horizon: int | None = None):
+        self.spec: TaskSpec = get_spec(task)
+        self.envs = [make_task(task, seed=seed * 10_007 + i) for i in range(n_envs)]
+        self.horizon = horizon or self.spec.max_episode_steps
+        self.goal_scale = np.maximum(np.abs(self.spec.goal_low), np.abs(self.spec.goal_high))
+        self.goal_scale[self.goal_scale == 0] = 1.0
+        self.episodes: list[dict[str, np.ndarray]] = []
+        self._running = [_EpisodeBuffer() for _ in range(n_envs)]
+        self._cond = [(-1, 0.0, 0.0)] * n_envs
+        self._obs = np.zeros((n_envs, self.envs[0].observation_space.shape[0]))
+        self._t = np.zeros(n_envs, dtype=int)
+        self.done = np.zeros(n_envs, dtype=bool)
+
+    def cond_vector(self, goal_id: int, lam: float) -> np.ndarray:
+        goal = np.zeros(self.spec.goal_dim) if goal_id < 0 else self.spec.user_goals[goal_id]
+        return np.concatenate([goal / self.goal_scale, [lam / 10.0]])
+
+    def start(self, choose: Callable[[int], tuple[int, float, float]]) -> None:
+        for i, env in enumerate(self.envs):
+            self._begin(i, choose)
+
+    def _begin(self, i: int, choose) -> None:
+        self._cond[i] = choose(i)
+        goal_id = self._cond[i][0]
+        if goal_id >= 0:
+            self.envs[i].set_goal(self.spec.user_goals[goal_id])
+        self._obs[i], _ = self.envs[i].reset()
+        self._t[i] = 0
+        self._running[i] = _EpisodeBuffer()
+
+    def conds(self) -> np.ndarray:
+        return np.stack([self.cond_vector(g, lam) for g, lam, _ in self._cond])
+
+    def step(self, actions: np.ndarray, choose, source: int, continue_: bool = True,
+             active: np.ndarray | None = None) -> list[dict]:
+        """Step every (active) env; returns the new transitions (for a replay buffer).
+
+        With ``continue_=False`` a finished env is not reset and ``self.done[i]`` is set.
+        """
+        new = []
+        for i, env in enumerate(self.envs):
+            if active is not None and not active[i]:
+                continue
+            obs2, _, term, trunc, info = env.step(actions[i])
+            self._t[i] += 1
+            timeout = bool(trunc) or self._t[i] >= self.horizon
+            row = {
+                "obs": self._obs[i].copy(), "act": np.clip(actions[i], -1, 1), "obs2": obs2,
+                "cost": info["cost"], "term": bool(term), "timeout": timeout and not term,
+                "feats": info["features"], "t": self._t[i] - 1, "goal_id": self._cond[i][0],
+                "lam": self._cond[i][1], "noise": self._cond[i][2], "source": source,
+            }
+            self._running[i].rows.append(row)
+            new.append(row)
+            self._obs[i] = obs2
+            if term or timeout:
+                self._flush(i)
+                if continue_:
+                    self._begin(i, choose)
+                else:
+                    self.done[i] = True
+        return new
+
+    def _flush(self, i: int) -> None:
+        rows = self._running[i].rows
+        if rows:
+            self.episodes.append(_stack_rows(rows, self.spec.feature_names))
+        self._running[i] = _EpisodeBuffer()
+
+    def flush_all(self) -> None:
+        """Close running episodes (marked as timeouts at their last step)."""
+        for i in range(len(self.envs)):
+            if self._running[i].rows:
+                self._running[i].rows[-1]["timeout"] = not self._running[i].rows[-1]["term"]
+                self._flush(i)
+
+    @property
+    def obs(self) -> np.ndarray:
+        return self._obs.copy()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _stack_rows(rows: list[dict], feature_names) -> dict[str, np.ndarray]:
+    out = {
+        "observations": np.stack([r["obs"] for r in rows]).astype(np.float32),
+        "actions": np.stack([r["act"] for r in rows]).astype(np.float32),
+        "next_observations": np.stack([r["obs2"] for r in rows]).astype(np.float32),
+        "costs": np.array([r["cost"] for r in rows], dtype=np.float32),
+        "terminals": np.array([r["term"] for r in rows], dtype=bool),
+        "timeouts": np.array([r["timeout"] for r in rows], dtype=bool),
+        "timesteps": np.array([r["t"] for r in rows], dtype=np.int32),
+        "goal_ids": np.array([r["goal_id"] for r in rows], dtype=np.int16),
+        "penalties": np.array([r["lam"] for r in rows], dtype=np.float32),
+        "noise": np.array([r["noise"] for r in rows], dtype=np.float32),
+        "source": np.array([r["source"] for r in rows], dtype=np.int8),
+    }
+    for k in feature_names:
+        out["feat__" + k] = np.array([r["feats"][k] for r in rows], dtype=np.float64)
+    return out
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class Dataset:
+    """Arrays (see module docstring) + metadata. ``features`` view for ``TaskSpec.reward``."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_spec(self.meta["task"])
+
+    @property
+    def n(self) -> int:
+        return int(len(self.arrays["actions"]))
+
+    @property
+    def features(self) -> dict[str, np.ndarray]:
+        return {k[len("feat__"):]: v for k, v in self.arrays.items() if k.startswith("feat__")}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def reward_for(self, goal) -> np.ndarray:
+        """Relabel every transition for any goal (N,)."""
+        return self.spec.reward(self.features, self.spec.check_goal(goal)).astype(np.float32)
+
+    def episode_bounds(self) -> np.ndarray:
+        """(E, 2) [start, end) row ranges of episodes (episodes are contiguous)."""
+        ids = self.arrays["episode_ids"]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        ends = np.r_[starts[1:], len(ids)]
+        return np.stack([starts, ends], 1)
+
+
+def _concat_episodes(episodes: list[dict[str, np.ndarray]], spec: TaskSpec) -> dict[str, np.ndarray]:
+    keys = episodes[0].keys()
+    arrays = {k: np.concatenate([e[k] for e in episodes]) for k in keys}
+    arrays["episode_ids"] = np.concatenate(
+        [np.full(len(e["actions"]), i, dtype=np.int64) for i, e in enumerate(episodes)]
+    )
+    feats = {k[len("feat__"):]: v for k, v in arrays.items() if k.startswith("feat__")}
+    arrays["rewards"] = np.stack([spec.reward(feats, g) for g in spec.user_goals], 1).astype(np.float32)
+    return arrays
+
+
+def machine_description() -> str:
+    """CPU arch, logical CPUs, memory and Python version of this machine (for provenance)."""
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(f.readline().split()[1])
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs{mem}, "
+            f"Python {platform.python_version()}, CPU only")
+
+
+def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: str | None = None,
+                  log: Callable[[str], None] | None = None, config: ScaleConfig | None = None) -> Dataset:
+    """Train the behaviour agent and collect the dataset for (task, scale, seed). See module doc."""
+    import torch
+
+    from control.policies import PENALTIES, SAC, SACConfig
+
+    spec = get_spec(task)
+    cfg = config or scale_config(task, scale)
+    log = log or (lambda s: None)
+    rng = np.random.default_rng(seed)
+    t_start = time.time()
+    col = BatchCollector(task, cfg.n_envs, seed, cfg.horizon)
+    obs_dim = col._obs.shape[1]
+    act_dim = col.envs[0].action_space.shape[0]
+    sac_cfg = SACConfig(hidden=cfg.hidden, batch_size=cfg.batch_size, gamma=_GAMMA.get(task, 0.99))
+    agent = SAC(obs_dim, spec.goal_dim + 1, act_dim, sac_cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def choose_train(i: int):
+        return int(rng.integers(spec.n_users)), float(rng.choice(PENALTIES)), -1.0  # noise -1: SAC sampling
+
+    # Replay buffer: growing lists of arrays; features kept as an (N, F) matrix.
+    rb_obs, rb_act, rb_obs2, rb_feat, rb_cost, rb_nd = [], [], [], [], [], []
+    col.start(choose_train)
+    total, n_updates, last_log, update_debt = 0, 0, 0, 0.0
+    stats: dict[str, float] = {}
+    while total < cfg.train_steps:
+        if total < cfg.warmup_steps:
+            actions = rng.uniform(-1, 1, size=(cfg.n_envs, act_dim))
+        else:
+            x = np.concatenate([col.obs, col.conds()], 1)
+            actions = agent.actor.act(x, deterministic=False, generator=gen)
+        rows = col.step(actions, choose_train, source=0)
+        for r in rows:
+            rb_obs.append(r["obs"]); rb_act.append(r["act"]); rb_obs2.append(r["obs2"])
+            rb_feat.append([r["feats"][k] for k in spec.feature_names]); rb_cost.append(r["cost"])
+            rb_nd.append(0.0 if r["term"] else 1.0)
+        total += len(rows)
+        if total >= cfg.warmup_steps:
+            update_debt += cfg.updates_per_step * len(rows)
+            n = len(rb_obs)
+            while update_debt >= 1.0:
+                update_debt -= 1.0
+                idx = rng.integers(n, size=cfg.batch_size)
+                gid = rng.integers(spec.n_users, size=cfg.batch_size)
+                lam = rng.choice(PENALTIES, size=cfg.batch_size)
+                feats = np.asarray([rb_feat[j] for j in idx])
+                fdict = {k: feats[:, c] for c, k in enumerate(spec.feature_names)}
+                cost = np.asarray([rb_cost[j] for j in idx])
+                r = spec.reward(fdict, spec.user_goals[gid]) - lam * cost  # hindsight relabel (B,)
+                r = r * _REWARD_SCALE.get(task, 1.0)
+                cond = np.concatenate([spec.user_goals[gid] / col.goal_scale, lam[:, None] / 10.0], 1)
+                x = np.concatenate([np.asarray([rb_obs[j] for j in idx]), cond], 1)
+                x2 = np.concatenate([np.asarray([rb_obs2[j] for j in idx]), cond], 1)
+                tt = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float32)  # noqa: E731
+                stats = agent.update(tt(x), tt([rb_act[j] for j in idx]), tt(r), tt(x2), tt([rb_nd[j] for j in idx]))
+                n_updates += 1
+        if total - last_log >= max(cfg.train_steps // 20, 1):
+            last_log = total
+            recent = col.episodes[-16:]
+
+            def _mean(key, lam):
+                v = [e[key].sum() if key == "costs" else
+                     spec.reward({k[6:]: e[k] for k in e if k.startswith("feat__")},
+                                 spec.user_goals[e["goal_ids"][0]]).sum()
+                     for e in recent if e["goal_ids"][0] >= 0 and e["penalties"][0] == lam]
+                return float(np.mean(v)) if v else float("nan")
+
+            log(f"[{task}] step {total}/{cfg.train_steps} updates {n_updates} episodes {len(col.episodes)} "
+                f"recent return/cost lambda=0: {_mean('rewards', 0.0):.1f}/{_mean('costs', 0.0):.1f} "
+                f"lambda=10: {_mean('rewards', 10.0):.1f}/{_mean('costs', 10.0):.1f} "
+                f"alpha {stats.get('alpha', float('nan')):.3f} ({time.time() - t_start:.0f}s)")
+    col.flush_all()
+    n_train_eps = len(col.episodes)
+
+    # Final-policy rollouts: every user goal x lambda x noise level, rollout_episodes each.
+    conds = [(u, lam, sd) for u in range(spec.n_users) for lam in PENALTIES for sd in cfg.noise_levels]
+    plan = [c for c in conds for _ in range(cfg.rollout_episodes)]
+    col_r = BatchCollector(task, cfg.n_envs, seed + 1, cfg.horizon)  # envs reused across chunks
+    for start in range(0, len(plan), cfg.n_envs):
+        chunk = plan[start:start + cfg.n_envs]
+        col_r.done[:] = True
+        for i in range(len(chunk)):
+            col_r._begin(i, lambda _i, c=chunk[i]: c)
+            col_r.done[i] = False
+        sd = np.zeros((cfg.n_envs, 1))
+        sd[: len(chunk), 0] = [c[2] for c in chunk]
+        while not col_r.done.all():
+            x = np.concatenate([col_r.obs, col_r.conds()], 1)
+            mean = agent.actor.act(x, deterministic=True)
+            actions = np.clip(mean + sd * rng.standard_normal(mean.shape), -1, 1)
+            col_r.step(actions, None, source=1, continue_=False, active=~col_r.done)
+    col.episodes.extend(col_r.episodes)
+    col_r.close()
+    col.close()
+
+    arrays = _concat_episodes(col.episodes, spec)
+    meta = {
+        "format": VERSION,
+        "task": task,
+        "scale": scale,
+        "seed": seed,
+        "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine_description(),
+        "build_seconds": round(time.time() - t_start, 1),
+        "env_id": spec.env_id,
+        "user_goals": spec.user_goals.tolist(),
+        "feature_names": list(spec.feature_names),
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "max_episode_steps": cfg.horizon or spec.max_episode_steps,
+        "n_transitions": int(len(arrays["actions"])),
+        "n_episodes": len(col.episodes),
+        "n_train_episodes": n_train_eps,
+        "sac_updates": n_updates,
+        "scale_config": dataclasses.asdict(cfg),
+        "sac_config": dataclasses.asdict(sac_cfg),
+        "penalties": list(PENALTIES),
+    }
+    ds = Dataset(arrays, meta)
+    validate_dataset(ds, source=f"built {task}/{scale}/seed{seed}")
+    return ds
+
+
+def build_and_cache(task: str, scale: str, seed: int, data_dir, force: bool, threads: int, command: str) -> str:
+    """Build (or load from cache) one dataset; used by the CLI, also in worker processes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    path = dataset_path(task, scale, seed, data_dir)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if force:
+        ds = build_dataset(task, scale, seed, command=command, log=log)
+        save_dataset(ds, path)
+    else:
+        ds = load_or_build(task, scale, seed, data_dir, command=command, log=log)
+    msg = f"[{task}] {ds.n} transitions, {ds.meta['n_episodes']} episodes -> {path} ({time.time() - t0:.0f}s)"
+    print(msg, flush=True)
+    return msg
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("LLM_SAFEPREF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm_safepref"))
+    return Path(base) / "control_data"
+
+
+def dataset_path(task: str, scale: str, seed: int, data_dir: str | Path | None = None) -> Path:
+    return Path(data_dir or default_data_dir()) / f"{task}__{scale}__seed{seed}.npz"
+
+
+def save_dataset(ds: Dataset, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **ds.arrays)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(ds.meta, indent=2))
+    return path
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"dataset {path} (and its {meta_path.name}) not found")
+    meta = json.loads(meta_path.read_text())
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    ds = Dataset(arrays, meta)
+    validate_dataset(ds, source=str(path))
+    return ds
+
+
+def load_or_build(task: str, scale: str, seed: int = 0, data_dir: str | Path | None = None, *,
+                  command: str | None = None, log=None) -> Dataset:
+    """Cached by (task, scale, seed) and the format version."""
+    path = dataset_path(task, scale, seed, data_dir)
+    if path.exists():
+        ds = load_dataset(path)
+        if ds.meta.get("format") == VERSION:
+            return ds
+    ds = build_dataset(task, scale, seed, command=command, log=log)
+    save_dataset(ds, path)
+    return ds
+
+
+_REQUIRED = ("observations", "actions", "next_observations", "costs", "terminals", "timeouts", "episode_ids",
+             "timesteps", "goal_ids", "rewards")
+
+
+def validate_dataset(ds: Dataset, source: str = "dataset") -> None:
+    """Raise :class:`DataError` naming the column/row when the data are malformed."""
+    a, meta = ds.arrays, ds.meta
+    if "task" not in meta:
+        raise DataError(f"{source}: metadata has no 'task'")
+    try:
+        spec = get_spec(meta["task"])
+    except ValueError as e:
+        raise DataError(f"{source}: {e}") from None
+    missing = [k for k in _REQUIRED if k not in a]
+    missing += ["feat__" + k for k in spec.feature_names if "feat__" + k not in a]
+    if missing:
+        raise DataError(f"{source}: missing columns {missing}")
+    n = len(a["actions"])
+    for k, v in a.items():
+        if len(v) != n:
+            raise DataError(f"{source}: column '{k}' has {len(v)} rows but 'actions' has {n}; lengths must match")
+    for k in ("observations", "next_observations", "actions", "costs", "rewards"):
+        bad = ~np.isfinite(a[k].reshape(n, -1)).all(1)
+        if bad.any():
+            raise DataError(f"{source}: column '{k}' has a NaN/inf at row {int(np.flatnonzero(bad)[0])} "
+                            f"({int(bad.sum())} rows); expected finite values")
+    if a["rewards"].shape[1:] != (spec.n_users,):
+        raise DataError(f"{source}: column 'rewards' has shape {a['rewards'].shape}, expected (N, {spec.n_users})")
+    gid = a["goal_ids"]
+    bad = (gid < -1) | (gid >= spec.n_users)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{source}: column 'goal_ids' row {r} has goal id {int(gid[r])}, which does not exist; "
+                        f"expected -1 (random warm-up) or 0..{spec.n_users - 1}")
+    ep = a["episode_ids"]
+    if n and np.any(np.diff(ep) < 0):
+        r = int(np.flatnonzero(np.diff(ep) < 0)[0]) + 1
+        raise DataError(f"{source}: column 'episode_ids' decreases at row {r}; episodes must be contiguous")
