@@ -1,0 +1,34 @@
+"""Safety data: prompt sources, splits, the offline benchmark build, adapters and validation.
+
+Public API (kept stable for the trainers and recipes):
+
+* ``load_preference_dataset(name_or_path="embedded", split="train", *, conversational=False, drop_invalid=False)``
+* ``validate_preference_dataset(ds, *, source_name, max_length=None, tokenizer=None, drop_invalid=False)``
+* ``load_safety_labels(name_or_path="embedded", split="train")``
+* ``load_eval_prompts(name_or_path="embedded", split="test")``
+* ``build_benchmark(BuildConfig(...))`` / ``python -m llm_safepref.data build``
+"""
+
+from llm_safepref.data.adapters import (
+    PKU_SAFERLHF_COLUMNS,
+    DataValidationError,
+    load_eval_prompts,
+    load_preference_dataset,
+    load_safety_labels,
+    validate_preference_dataset,
+)
+from llm_safepref.data.build import BENCHMARK_VERSION, BuildConfig, benchmark_dir, build_benchmark, is_built
+
+__all__ = [
+    "BENCHMARK_VERSION",
+    "BuildConfig",
+    "DataValidationError",
+    "PKU_SAFERLHF_COLUMNS",
+    "benchmark_dir",
+    "build_benchmark",
+    "is_built",
+    "load_eval_prompts",
+    "load_preference_dataset",
+    "load_safety_labels",
+    "validate_preference_dataset",
+]
