@@ -221,7 +221,8 @@ def main(argv=None):
     started = datetime.datetime.now(datetime.timezone.utc)
     per_model = orchestrate(args)
     report = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "command": "".join(f"{v}={os.environ[v]} " for v in ("OMP_NUM_THREADS",) if v in os.environ)
+        + "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
         "date": started.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (" (CPU only)" if "cpu" in per_model[args.models[0]]["device"] else ""),
         "note": "ratios from interleaved subprocess runs in one invocation; peak memory = process peak RSS on CPU",

@@ -8,6 +8,10 @@ How a dataset is built (``build_dataset``):
    (lambda = 0) skills.
 2. The final agent is rolled out for every user goal x lambda x action-noise level
    (``rollout_episodes`` episodes each), adding Gaussian noise to the mean action.
+3. Tasks in ``GAIT_TASKS`` (Swimmer) add a CEM search over closed-loop CPG gaits per user
+   goal x lambda (``control.gaits``): SAC at the `small` budget learns no gait that crosses
+   their speed limit. The elite rollouts of every CEM iteration and noisy rollouts of each
+   best gait are kept.
 
 File format (``<dir>/<task>__<scale>__seed<seed>.npz`` + ``.json`` with the same stem):
 - ``observations``, ``next_observations`` (N, obs_dim) float32; ``actions`` (N, A) float32
@@ -22,7 +26,8 @@ File format (``<dir>/<task>__<scale>__seed<seed>.npz`` + ``.json`` with the same
 - ``goal_ids`` (N,) int16 user goal assigned to the episode (during the uniform-random warm-up
   the actions ignore it; -1 is accepted for goal-free data),
   ``penalties`` (N,) float32 lambda of the behaviour policy, ``noise`` (N,) float32 action
-  noise std, ``source`` (N,) int8 (0 = online training, 1 = final-policy rollouts).
+  noise std, ``source`` (N,) int8 (0 = online training, 1 = final-policy rollouts,
+  2 = gait-search rollouts, 3 = rollouts of the best gaits; 2 and 3 only for ``GAIT_TASKS``).
 The JSON holds provenance: task, scale, seed, command, version, created (UTC), user goals,
 feature names, the scale and SAC configs, and summary statistics.
 """
@@ -60,6 +65,8 @@ __all__ = [
     "dataset_path",
     "default_data_dir",
     "DataError",
+    "GAIT_TASKS",
+    "gait_config",
 ]
 
 VERSION = "control-data-1"  # bump when the format or the build procedure changes
@@ -111,6 +118,30 @@ def scale_config(task: str, scale: str) -> ScaleConfig:
     if scale == "paper":
         return ScaleConfig(train_steps=_PAPER_STEPS[task], warmup_steps=10_000, n_envs=8, updates_per_step=1.0,
                            hidden=256, rollout_episodes=20, noise_levels=(0.0, 0.1, 0.3, 0.5))
+    raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+
+
+# Tasks whose behaviour data add a CEM search over closed-loop CPG gaits (control.gaits):
+# SAC at the `small` budget learns no Ant or Swimmer gait fast enough to cross the speed limit.
+GAIT_TASKS = ("ant_vel", "swimmer_vel")
+
+
+def gait_config(task: str, scale: str):
+    """The gait-search settings for (task, scale), or None when the task has no gait stage."""
+    from control.gaits import GaitConfig
+
+    if task not in GAIT_TASKS:
+        return None
+    if scale == "smoke":
+        return GaitConfig(iters=1, population=2, elites=1, horizon=70, penalties=(0.0,), noise_levels=(0.3,),
+                          swim_iters=1)
+    if scale == "small":
+        # Ant: 200-step search rollouts (many violent candidate gaits flip the Ant and end early).
+        return GaitConfig(iters=20, population=16, elites=4, horizon=200 if task == "ant_vel" else 400,
+                          noise_levels=(0.0, 0.1, 0.3), swim_iters=20 if task == "ant_vel" else 30)
+    if scale == "paper":
+        return GaitConfig(iters=40, population=24, elites=6, horizon=500, final_episodes=5, swim_iters=60,
+                          noise_levels=(0.0, 0.1, 0.3, 0.5))
     raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
 
 
@@ -306,8 +337,13 @@ def machine_description() -> str:
 
 
 def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: str | None = None,
-                  log: Callable[[str], None] | None = None, config: ScaleConfig | None = None) -> Dataset:
-    """Train the behaviour agent and collect the dataset for (task, scale, seed). See module doc."""
+                  log: Callable[[str], None] | None = None, config: ScaleConfig | None = None,
+                  gait: Any = "auto") -> Dataset:
+    """Train the behaviour agent and collect the dataset for (task, scale, seed). See module doc.
+
+    ``gait``: a ``control.gaits.GaitConfig`` to add a gait-search stage, None for none, or
+    "auto" (default) for ``gait_config(task, scale)``.
+    """
     import torch
 
     from control.policies import PENALTIES, SAC, SACConfig
@@ -402,6 +438,21 @@ def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: st
     col_r.close()
     col.close()
 
+    # Gait search (some tasks only, see GAIT_TASKS): CEM over CPG gaits per user goal x lambda.
+    gcfg = gait_config(task, scale) if isinstance(gait, str) and gait == "auto" else gait
+    gait_summary = None
+    if gcfg is not None:
+        from control.gaits import search_gaits
+
+        t_g = time.time()
+        eps, best, gait_summary = search_gaits(task, gcfg, cfg.n_envs, seed, rng, log=log,
+                                               final_horizon=cfg.horizon)
+        col.episodes.extend(eps)
+        gait_summary = {"config": dataclasses.asdict(gcfg), "results": gait_summary,
+                        "best_params": {k_: v_.tolist() for k_, v_ in
+                                        ((f"goal{u}_lambda{lam:g}", p) for (u, lam), p in best.items())},
+                        "seconds": round(time.time() - t_g, 1)}
+
     arrays = _concat_episodes(col.episodes, spec)
     meta = {
         "format": VERSION,
@@ -425,6 +476,7 @@ def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: st
         "scale_config": dataclasses.asdict(cfg),
         "sac_config": dataclasses.asdict(sac_cfg),
         "penalties": list(PENALTIES),
+        "gait_search": gait_summary,
     }
     ds = Dataset(arrays, meta)
     validate_dataset(ds, source=f"built {task}/{scale}/seed{seed}")

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from control.data import Dataset, DataError, dataset_path, load_dataset, load_or_build, validate_dataset
+from control.data import (GAIT_TASKS, Dataset, DataError, dataset_path, load_dataset, load_or_build,
+                          validate_dataset)
 from control.tasks import TASKS
 
 pytestmark = pytest.mark.control
@@ -20,7 +21,8 @@ def test_smoke_dataset_builds_with_reward_cost_goals_and_provenance(smoke_datase
         np.testing.assert_allclose(ds["rewards"][:, u], ds.reward_for(spec.user_goals[u]), rtol=1e-5, atol=1e-5)
     # Every user goal is pursued by the behaviour policy (both training and rollouts).
     assert set(range(spec.n_users)) <= set(np.unique(ds["goal_ids"]).tolist())
-    assert set(np.unique(ds["source"]).tolist()) == {0, 1}
+    # 0/1: SAC training / final SAC rollouts; 2/3: gait search / best gaits (GAIT_TASKS only).
+    assert set(np.unique(ds["source"]).tolist()) == ({0, 1, 2, 3} if name in GAIT_TASKS else {0, 1})
     assert set(np.unique(ds["penalties"][ds["source"] == 1]).tolist()) == {0.0, 10.0}
     # Episodes are contiguous and consistent with their timesteps.
     b = ds.episode_bounds()

@@ -1,0 +1,55 @@
+"""Unsafe 64-step segments of a built dataset per user goal, lambda and data source.
+
+``python -m control.segment_report --task swimmer_vel --scale small --seed 0`` prints JSON:
+for every (goal id, lambda, source) and for every goal id, the number of non-overlapping
+segments inside episodes and how many are unsafe (segment cost > kappa * L / T, the same
+rule as ``results/control_data_<scale>.json``'s ``unsafe_segment_fraction``). Goal id -1 is
+goal-free data (the gait pre-search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+__all__ = ["unsafe_segments_by_condition"]
+
+
+def unsafe_segments_by_condition(ds, segment_length: int = 64) -> dict:
+    """{"by_condition": {"goal{u}_lambda{l}_source{s}": [unsafe, total]}, "by_goal": {u: [unsafe, total, frac]}}."""
+    thr = ds.spec.cost_threshold * segment_length / ds.meta["max_episode_steps"]
+    cond: dict[str, list[int]] = {}
+    goal: dict[str, list] = {}
+    for s, e in ds.episode_bounds().tolist():
+        c = ds["costs"][s:e]
+        n = (e - s) // segment_length
+        unsafe = int((c[: n * segment_length].reshape(n, segment_length).sum(1) > thr).sum()) if n else 0
+        u, lam, src = int(ds["goal_ids"][s]), float(ds["penalties"][s]), int(ds["source"][s])
+        for table, key in ((cond, f"goal{u}_lambda{lam:g}_source{src}"), (goal, str(u))):
+            row = table.setdefault(key, [0, 0])
+            row[0] += unsafe
+            row[1] += int(n)
+    for row in goal.values():
+        row.append(round(row[0] / row[1], 4) if row[1] else None)
+    return {"by_condition": dict(sorted(cond.items())), "by_goal": dict(sorted(goal.items(), key=lambda kv: int(kv[0])))}
+
+
+def main(argv=None) -> int:
+    from control.data import dataset_path, load_dataset
+
+    p = argparse.ArgumentParser(prog="python -m control.segment_report", description=__doc__)
+    p.add_argument("--task", required=True)
+    p.add_argument("--scale", default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--segment-length", type=int, default=64)
+    args = p.parse_args(argv)
+    ds = load_dataset(dataset_path(args.task, args.scale, args.seed, args.data_dir))
+    print(json.dumps(unsafe_segments_by_condition(ds, args.segment_length), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
