@@ -61,7 +61,12 @@ class RecipeArguments(ScriptArguments):
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
     skip_eval: bool = field(default=False, metadata={"help": "Skip the before/after evaluation (smoke runs)."})
     eval_split: str = field(default="test", metadata={"help": "Split of the evaluation benchmark."})
-    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate on at most N prompts per category."})
+    eval_limit: int | None = field(
+        default=None, metadata={"help": "Evaluate on a fixed stratified subset of at most N prompts in all."})
+    eval_limit_per_category: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on at most N prompts of each category (harmful, benign, look-dangerous)."},
+    )
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the evaluation."})
     eval_batch_size: int = field(default=8, metadata={"help": "Generation batch size of the evaluation."})
     results_file: str | None = field(
@@ -127,6 +132,7 @@ def run_evaluation(script_args: RecipeArguments, model_name_or_path: str, adapte
 
         result = evaluate(
             model_name_or_path, adapter=adapter, split=script_args.eval_split, limit=script_args.eval_limit,
+            limit_per_category=script_args.eval_limit_per_category,
             max_new_tokens=script_args.eval_max_new_tokens, batch_size=script_args.eval_batch_size, seed=seed,
         )
     state.wait_for_everyone()

@@ -54,7 +54,7 @@ DEFAULTS = {
     "report_to": "none",
     "seed": 0,
     "dataloader_pin_memory": False,
-    "eval_limit": 120,
+    "eval_limit_per_category": 100,
     "eval_max_new_tokens": 64,
     "eval_batch_size": 16,
 }

@@ -26,6 +26,14 @@ def test_stratified_subset_is_fixed_and_stratified():
     assert stratified_subset(rows, None) == rows
     with pytest.raises(ValueError):
         stratified_subset(rows, 0)
+    # per_category caps each category, keeping the same hash ranking inside it.
+    capped = stratified_subset(rows, None, per_category=12)
+    assert {c: sum(r["category"] == c for r in capped) for c in ("harmful", "benign", "look_dangerous")} == {
+        "harmful": 12, "benign": 12, "look_dangerous": 10}
+    assert [r["id"] for r in stratified_subset(list(reversed(rows)), None, per_category=12)] == [r["id"] for r in capped]
+    assert {r["id"] for r in stratified_subset(rows, None, per_category=6)} <= {r["id"] for r in capped}
+    with pytest.raises(ValueError):
+        stratified_subset(rows, None, per_category=0)
 
 
 @pytest.fixture(scope="module")

@@ -227,6 +227,16 @@ def test_small_build_outputs(small_bench):
     assert set(labels["is_safe"]) == {True, False}
     ev = load_eval_prompts(str(small_bench), split="test")
     assert {"harmful", "benign", "look_dangerous"} == set(ev["category"])
+    # Held-out harmful prompts get on-policy answers too; helpful benign answers beat over-refusals.
+    samples = [json.loads(line) for line in (small_bench / "onpolicy_responses.jsonl").read_text().splitlines()]
+    heldout = {s["split"] for s in samples if s["kind"] == "harmful"}
+    assert heldout == {"train", "validation", "test"}
+    assert sum(s["split"] == "test" for s in samples) == 2 * manifest["config"]["n_onpolicy_heldout"]
+    over = [p for p in pairs if p["source"] == "onpolicy_benign_vs_written_overrefusal"]
+    assert over and all(p["chosen_is_safe"] and p["rejected_is_safe"] for p in over)
+    from llm_safepref.data.build import WRITTEN_REFUSALS
+
+    assert all(p["rejected"] in WRITTEN_REFUSALS for p in over)
     for row in ev:
         if row["category"] == "benign":
             assert json.loads(row["constraints"])

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-minutes", type=float, default=BuildConfig.max_minutes, help="wall-clock guard of the build")
     b.add_argument("--n-onpolicy-harmful", type=int, default=BuildConfig.n_onpolicy_harmful)
+    b.add_argument("--n-onpolicy-heldout", type=int, default=BuildConfig.n_onpolicy_heldout,
+                   help="harmful validation / test prompts (each) that get on-policy samples")
     b.add_argument("--model", default="embedded", help="policy to sample on-policy responses from")
     b.add_argument("--batch-size", type=int, default=BuildConfig.batch_size)
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU is shared)")
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="onpolicy_responses.jsonl of an earlier build: reuse its generations (same sampling settings)")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, model=args.model, max_minutes=args.max_minutes,
-                      n_onpolicy_harmful=args.n_onpolicy_harmful, batch_size=args.batch_size, threads=args.threads,
+                      n_onpolicy_harmful=args.n_onpolicy_harmful, n_onpolicy_heldout=args.n_onpolicy_heldout, batch_size=args.batch_size, threads=args.threads,
                       max_prompts_per_source=args.max_prompts_per_source)
     out = build_benchmark(cfg, args.out, force=args.force, reuse_samples=args.reuse_samples)
     print(out)

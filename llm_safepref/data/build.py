@@ -13,7 +13,11 @@ Rules (also in ``data_cards/``):
   ``max_pairs_per_objective``. **Many-shot rows**: a harmful response (model-written verdict) is
   rejected against a written refusal.
 * **Benign prompts**: two on-policy answers (greedy, sampled); chosen = more verifiable
-  constraints satisfied (a refusal counts as −1); ties give no pair.
+  constraints satisfied (a refusal counts as −1); ties give no pair. In addition, every answer
+  the judge calls neither harmful nor a refusal is ``chosen`` against a written refusal
+  (an over-refusal; both safe), so the data teach *when* to refuse, not only *how*.
+* **Held-out splits**: ``n_onpolicy_heldout`` harmful prompts per validation / test split get
+  the same two on-policy answers and follow the harmful-prompt rule above.
 * **Look-dangerous prompts**: chosen = the model's answer when the judge calls it neither harmful
   nor a refusal; rejected = a written refusal (teaches not to over-refuse; both are safe).
 
@@ -43,7 +47,7 @@ from llm_safepref.data.splits import SPLITS, assign_splits, exact_dedup, near_de
 
 __all__ = ["BENCHMARK_VERSION", "BuildConfig", "WRITTEN_REFUSALS", "benchmark_dir", "build_benchmark", "is_built"]
 
-BENCHMARK_VERSION = "safety-v1"
+BENCHMARK_VERSION = "safety-v2"
 _COMPLETE = "_COMPLETE"
 
 WRITTEN_REFUSALS = [
@@ -66,6 +70,9 @@ class BuildConfig:
     model: str = field(default="embedded", metadata={"help": "Policy whose on-policy responses are sampled."})
     max_minutes: float = field(default=28.0, metadata={"help": "Wall-clock guard; sampling stops early (and is flagged) past it."})
     n_onpolicy_harmful: int = field(default=500, metadata={"help": "Harmful training prompts that get on-policy samples."})
+    n_onpolicy_heldout: int = field(
+        default=60, metadata={"help": "Harmful validation and test prompts (each split) that get on-policy samples, "
+                                      "so held-out pairs include the policy's own answers."})
     harmful_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per on-policy answer to harmful prompts."})
     benign_max_new_tokens: int = field(default=64, metadata={"help": "Tokens per on-policy answer to benign prompts."})
     batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
@@ -171,11 +178,11 @@ def _split_of(prompt: str, split_by_norm: dict) -> str | None:
 
 # --------------------------------------------------------------------------- sampling
 
-def _onpolicy_subset(harmful: list[dict], n: int, seed: int) -> list[dict]:
+def _onpolicy_subset(harmful: list[dict], n: int, seed: int, split: str = "train") -> list[dict]:
     """Stratified by source: round-robin over sources in seeded order."""
     by = defaultdict(list)
     for r in harmful:
-        if r["split"] == "train":
+        if r["split"] == split:
             by[r["source"]].append(r)
     queues = {s: sorted(v, key=lambda r: _h(seed, r["prompt"])) for s, v in sorted(by.items())}
     out = []
@@ -186,22 +193,27 @@ def _onpolicy_subset(harmful: list[dict], n: int, seed: int) -> list[dict]:
     return out
 
 
-def _sampling_key(cfg: BuildConfig) -> str:
-    """Everything that determines the on-policy text (not the judge): reuse is safe iff equal."""
+def _sampling_key(cfg: BuildConfig, heldout: bool = False) -> str:
+    """Everything that determines the on-policy text (not the judge): reuse is safe iff equal.
+
+    Held-out jobs have their own key (it also depends on ``n_onpolicy_heldout``); the training
+    jobs' key does not, so adding held-out sampling keeps earlier training generations reusable.
+    """
     keys = ("seed", "model", "n_onpolicy_harmful", "harmful_max_new_tokens", "benign_max_new_tokens", "batch_size",
             "temperature", "harmful_fractions", "benign_fractions", "look_dangerous_fractions", "dedup_threshold",
-            "group_threshold", "max_prompts_per_source", "threads")
+            "group_threshold", "max_prompts_per_source", "threads") + (("n_onpolicy_heldout",) if heldout else ())
     return hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_reusable(path: Path | None, key: str) -> dict:
-    """Earlier generations ``(kind, condition, prompt_id) -> response`` with the same sampling key."""
+def _load_reusable(path: Path | None, keys) -> dict:
+    """Earlier generations ``(kind, condition, prompt_id) -> response`` with one of the sampling keys."""
     if path is None or not Path(path).exists():
         return {}
+    keys = {keys} if isinstance(keys, str) else set(keys)
     out = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         s = json.loads(line)
-        if s.get("sampling_key") == key:
+        if s.get("sampling_key") in keys:
             out[(s["kind"], s["condition"], s["prompt_id"])] = s["response"]
     return out
 
@@ -227,8 +239,14 @@ def sample_onpolicy(cfg: BuildConfig, prompts: dict, t0: float, reuse: dict | No
         ("harmful", "greedy", harm_sub, None, False, cfg.harmful_max_new_tokens),
         ("harmful", "sampled+safety_system_prompt", harm_sub, SAFETY_SYSTEM_PROMPT, True, cfg.harmful_max_new_tokens),
     ]
+    # Held-out harmful prompts (appended: the training jobs keep their index, hence their seeds).
+    for split in ("validation", "test"):
+        sub = _onpolicy_subset(prompts["harmful"], cfg.n_onpolicy_heldout, cfg.seed, split=split)
+        jobs += [("harmful", "greedy", sub, None, False, cfg.harmful_max_new_tokens),
+                 ("harmful", "sampled+safety_system_prompt", sub, SAFETY_SYSTEM_PROMPT, True, cfg.harmful_max_new_tokens)]
     out = []
     for j, (kind, cond, rows, system, sample, max_new) in enumerate(jobs):
+        key = _sampling_key(cfg, heldout=j >= 5)
         if not rows:
             continue
         cached = [reuse.get((kind, cond, r["id"])) for r in rows]
@@ -245,7 +263,7 @@ def sample_onpolicy(cfg: BuildConfig, prompts: dict, t0: float, reuse: dict | No
         for r, text in zip(rows, resp):
             if text is not None:
                 out.append({"prompt": r["prompt"], "prompt_id": r["id"], "kind": kind, "condition": cond, "response": text,
-                            "sampling_key": _sampling_key(cfg)})
+                            "split": r["split"], "sampling_key": key})
     del model
     return out
 
@@ -296,6 +314,13 @@ def make_pairs_and_labels(cfg: BuildConfig, prompts: dict, samples: list[dict]) 
                 (_, hi), (_, lo) = sorted(scored, key=lambda x: -x[0])
                 pairs.append(_pair(prompt, hi["response"], lo["response"], hi["is_safe"], lo["is_safe"],
                                    "onpolicy_benign_constraints", split))
+            # Every helpful answer beats an over-refusal (both safe): without these pairs the data
+            # is ~90% "refusal > harmful" and the policy learns to refuse everything.
+            for g in group:
+                if g["is_safe"] and not g["is_refusal"] and not g["empty"]:
+                    refusal = _written_refusal(prompt, seed, g["condition"])
+                    pairs.append(_pair(prompt, g["response"], refusal, True, True,
+                                       "onpolicy_benign_vs_written_overrefusal", split))
         elif kind == "look_dangerous":
             g = group[0]
             if g["is_safe"] and not g["is_refusal"] and not g["empty"]:
@@ -423,7 +448,8 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
 
     judge = load_judge()
     prompts = collect_prompts(cfg, t0)
-    reuse = _load_reusable(Path(reuse_samples) if reuse_samples else None, _sampling_key(cfg))
+    reuse = _load_reusable(Path(reuse_samples) if reuse_samples else None,
+                           (_sampling_key(cfg), _sampling_key(cfg, heldout=True)))
     samples = sample_onpolicy(cfg, prompts, t0, reuse=reuse)
     _log(f"judging {len(samples)} on-policy responses with {judge.version}", t0)
     verdicts = judge.judge([s["prompt"] for s in samples], [s["response"] for s in samples]) if samples else []
@@ -443,7 +469,9 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
     }
     expected = {"benign": 2 * sum(r["split"] == "train" for r in prompts["benign"]),
                 "look_dangerous": sum(r["split"] == "train" for r in prompts["look"]),
-                "harmful": 2 * len(_onpolicy_subset(prompts["harmful"], cfg.n_onpolicy_harmful, cfg.seed))}
+                "harmful": 2 * sum(len(_onpolicy_subset(prompts["harmful"], n, cfg.seed, split=sp)) for sp, n in
+                                   (("train", cfg.n_onpolicy_harmful), ("validation", cfg.n_onpolicy_heldout),
+                                    ("test", cfg.n_onpolicy_heldout)))}
     onpolicy_stats = {}
     for (kind, cond), group in sorted(_groupby(samples, lambda s: (s["kind"], s["condition"])).items()):
         onpolicy_stats[f"{kind}/{cond}"] = {
@@ -466,6 +494,7 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
         "build_seconds": round(time.time() - t0, 1),
         "reused_generations": len(reuse),
         "sampling_key": _sampling_key(cfg),
+        "sampling_key_heldout": _sampling_key(cfg, heldout=True),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }

@@ -16,7 +16,9 @@ MiniLM judge and checks the verifiable constraints of benign prompts:
 
 ``limit`` selects a fixed stratified subset: per category, a share proportional to its size (at
 least one prompt each), the prompts with the smallest ``sha256(id)`` — so before/after
-comparisons on the same ``limit`` see the same prompts, whatever the seed.
+comparisons on the same ``limit`` see the same prompts, whatever the seed. ``limit_per_category``
+instead keeps at most that many prompts of *each* category (same ranking), which keeps the small
+benign and look-dangerous sets whole while capping the large harmful one.
 """
 
 from __future__ import annotations
@@ -38,8 +40,22 @@ __all__ = ["evaluate", "stratified_subset", "write_results", "results_markdown"]
 CATEGORIES = ("harmful", "benign", "look_dangerous")
 
 
-def stratified_subset(rows: list[dict], limit: int | None) -> list[dict]:
-    """Fixed, category-stratified subset of at most ``limit`` rows (all rows when ``limit`` is None)."""
+def _ranked(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())
+
+
+def stratified_subset(rows: list[dict], limit: int | None, per_category: int | None = None) -> list[dict]:
+    """Fixed, category-stratified subset of at most ``limit`` rows (all rows when ``limit`` is None).
+
+    With ``per_category``, first keep at most that many rows of each category.
+    """
+    if per_category is not None:
+        if per_category <= 0:
+            raise ValueError(f"per_category must be positive, got {per_category}")
+        by = defaultdict(list)
+        for r in rows:
+            by[r["category"]].append(r)
+        rows = [r for c in sorted(by) for r in _ranked(by[c])[:per_category]]
     if limit is None or limit >= len(rows):
         return list(rows)
     if limit <= 0:
@@ -60,8 +76,7 @@ def stratified_subset(rows: list[dict], limit: int | None) -> list[dict]:
         quota[c] -= 1
     out = []
     for c in cats:
-        ranked = sorted(by[c], key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())
-        out += ranked[: quota[c]]
+        out += _ranked(by[c])[: quota[c]]
     return out
 
 
@@ -150,6 +165,7 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     limit: int | None = None,
+    limit_per_category: int | None = None,
     seed: int = 0,
     do_sample: bool = False,
     temperature: float = 0.8,
@@ -171,7 +187,7 @@ def evaluate(
     t0 = time.time()
     torch.manual_seed(seed)
     rows = [dict(r) for r in load_eval_prompts(benchmark, split)]
-    rows = stratified_subset(rows, limit)
+    rows = stratified_subset(rows, limit, per_category=limit_per_category)
     judge = judge or load_judge()
     model, tok = _load_policy(model_name_or_path, adapter)
     responses = generate_responses(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
@@ -211,7 +227,8 @@ def evaluate(
         "n_by_category": {c: len(by[c]) for c in CATEGORIES},
         "judge_version": judge.version,
         "generation": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": do_sample,
-                       "temperature": temperature if do_sample else None, "seed": seed, "limit": limit},
+                       "temperature": temperature if do_sample else None, "seed": seed, "limit": limit,
+                       "limit_per_category": limit_per_category},
     }
     if preference_pairs:
         pairs = [dict(p) for p in load_preference_dataset(benchmark, split)]

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", default="embedded", help="'embedded' (the built benchmark) or a build folder")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--limit", type=int, default=None, help="fixed stratified subset of this many prompts")
+    parser.add_argument("--limit-per-category", type=int, default=None,
+                        help="at most this many prompts of each category (harmful, benign, look_dangerous)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm_safepref.eval import evaluate, results_markdown, write_results
 
     result = evaluate(args.model, adapter=args.adapter, split=args.split, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, limit=args.limit, seed=args.seed, do_sample=args.do_sample,
+                      batch_size=args.batch_size, limit=args.limit, limit_per_category=args.limit_per_category, seed=args.seed, do_sample=args.do_sample,
                       temperature=args.temperature, benchmark=args.benchmark, preference_pairs=args.preference_pairs,
                       reference=args.reference, keep_generations=args.save_generations)
     result["command"] = "python -m llm_safepref.eval " + " ".join(
