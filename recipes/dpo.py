@@ -40,7 +40,7 @@ DEFAULTS = {
     "learning_rate": 2.0e-4,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 5,
-    "max_steps": 80,
+    "max_steps": 60,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
     "max_length": 160,
