@@ -64,15 +64,6 @@ def test_presa_recipe_parses_with_no_arguments():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _data_package_ready() -> bool:
-    try:
-        from llm_safepref.data import load_preference_dataset, validate_preference_dataset  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _data_package_ready(), reason="llm_safepref.data is not available yet")
 
 
 def _write_pairs(path: Path, n: int = 16) -> Path:
@@ -109,7 +100,6 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-@needs_data
 def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
     data = _write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
@@ -129,7 +119,6 @@ def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), out)  # loads
 
 
-@needs_data
 @pytest.mark.slow
 def test_presa_recipe_two_gloo_processes_match_one(tiny_model_path, tmp_path):
     """Same global batch (1 x 4 vs 2 x 2). Tolerance 1e-4 absolute on nu and the final loss."""
@@ -148,7 +137,6 @@ def test_presa_recipe_two_gloo_processes_match_one(tiny_model_path, tmp_path):
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], abs=1e-4)
 
 
-@needs_data
 def test_pku_saferlhf_schema_file_trains_without_flags(tiny_model_path, tmp_path):
     """A local file in the PKU-SafeRLHF schema is converted by its columns and trains."""
     import torch

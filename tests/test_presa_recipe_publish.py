@@ -36,15 +36,6 @@ STEPS = 3
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "lagrange.json")
 
 
-def _data_package_ready() -> bool:
-    try:
-        from llm_safepref.data import load_preference_dataset  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _data_package_ready(), reason="llm_safepref.data is not available yet")
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
