@@ -1,4 +1,4 @@
-"""``python -m llm_safepref.judge train [--out FILE] [--seed N] [--C C] [--results results/judge.json]``."""
+"""``python -m llm_safepref.judge train [--out FILE] [--seed N] [--C C] [--features v2|v3] [--request-threshold T] [--results results/judge.json]``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the probes")
     tr.add_argument("--C", type=float, default=None, help="inverse L2 strength of the probes (default: chosen by 4-fold CV on training objectives)")
     tr.add_argument("--heldout-frac", type=float, default=0.25, help="fraction of objectives held out")
+    tr.add_argument("--features", default="v3", choices=("v2", "v3"), help="feature set (v3: + sentence max/mean pooling; v2: the old judge)")
+    tr.add_argument("--request-threshold", type=float, default=None, help="request-gate threshold (default 0.3 for v3, 0.5 for v2)")
     tr.add_argument("--results", default=None, help="also write a results JSON (+ .md) here, e.g. results/judge.json")
     args = parser.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("LLM_SAFEPREF_THREADS", "1")))
     from llm_safepref.judge import train_judge
 
-    metrics = train_judge(seed=args.seed, heldout_frac=args.heldout_frac, C=args.C, out=args.out)
+    metrics = train_judge(seed=args.seed, heldout_frac=args.heldout_frac, C=args.C, out=args.out,
+                          feature_set=args.features, request_threshold=args.request_threshold)
     print(json.dumps(metrics, indent=2))
     if args.results:
         h = metrics["harm_heldout"]
