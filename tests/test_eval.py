@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,3 +100,18 @@ def test_sequence_logps_match_a_full_forward(tiny_model_path):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)  # (T-1, V)
         ref = sum(logp[len(p_ids) - 1 + k, t].item() for k, t in enumerate(c_ids))
         assert abs(fast[i, 0] - ref) < 1e-3 and fast[i, 1] == len(c_ids)
+
+
+def test_sequence_logps_keep_input_order_whatever_the_batching(tiny_model_path):
+    """Scoring batches in length order must still return one row per input, in input order."""
+    from llm_safepref.eval import _sequence_logps
+    from llm_safepref.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_path))
+    prompts = ["hi", "tell me a long story about a cat and a dog", "why", "a b c d e f g", "ok"]
+    comps = ["a much longer completion with many words in it", "no", "because of the weather today", "x", "fine"]
+    batched = _sequence_logps(model, tok, prompts, comps, batch_size=2)
+    single = [_sequence_logps(model, tok, [p], [c], batch_size=1)[0] for p, c in zip(prompts, comps)]
+    assert batched.shape == (5, 2)
+    assert np.allclose(batched, np.asarray(single), atol=1e-4)
+    assert len(set(batched[:, 1].tolist())) > 1  # different completion lengths really were scored

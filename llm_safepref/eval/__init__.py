@@ -98,17 +98,19 @@ def _sequence_logps(model, tok, prompts: list[str], completions: list[str], batc
 
     from llm_safepref.data.sampling import format_chat
 
-    out = []
+    out = [None] * len(prompts)
     tok.padding_side = "right"
-    for start in range(0, len(prompts), batch_size):
-        ps = [format_chat(tok, p) for p in prompts[start : start + batch_size]]
-        cs = completions[start : start + batch_size]
-        ids, masks = [], []
-        for p, c in zip(ps, cs):
-            p_ids = tok(p, add_special_tokens=False).input_ids
-            c_ids = tok(c + (tok.eos_token or ""), add_special_tokens=False).input_ids[:256]
-            ids.append(p_ids + c_ids)
-            masks.append([0] * len(p_ids) + [1] * len(c_ids))
+    # Tokenise once, then batch in length order so little compute goes to padding.
+    seqs = []
+    for p, c in zip(prompts, completions):
+        p_ids = tok(format_chat(tok, p), add_special_tokens=False).input_ids
+        c_ids = tok(c + (tok.eos_token or ""), add_special_tokens=False).input_ids[:256]
+        seqs.append((p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)))
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i][0]), i))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids = [seqs[i][0] for i in idx]
+        masks = [seqs[i][1] for i in idx]
         width = max(len(x) for x in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # (B, T)
@@ -125,7 +127,8 @@ def _sequence_logps(model, tok, prompts: list[str], completions: list[str], batc
             tok_logp = torch.log_softmax(logits, -1).gather(-1, tgt[:, None])[:, 0]  # (K,)
         row = torch.arange(m.shape[0])[:, None].expand_as(m)[m]  # (K,) batch index of each scored token
         sums = torch.zeros(m.shape[0]).index_add_(0, row, tok_logp)
-        out += list(zip(sums.tolist(), m.sum(-1).float().tolist()))
+        for i, total, count in zip(idx, sums.tolist(), m.sum(-1).float().tolist()):
+            out[i] = (total, count)
     return np.asarray(out, dtype=np.float64)
 
 
