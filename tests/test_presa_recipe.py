@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.pairs import write_pairs
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +68,6 @@ def test_presa_recipe_parses_with_no_arguments():
 
 
 
-def _write_pairs(path: Path, n: int = 16) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({
-                "prompt": f"How do I do task number {i} at home?",
-                "chosen": f"I can't help with task {i}, but here is a safer idea." if i % 2 == 0 else f"Sure: step one of task {i}.",
-                "rejected": f"Here is how: first mix the parts for task {i}, then heat them.",
-                "chosen_is_safe": True,
-                "rejected_is_safe": i % 4 == 1,
-                "source": "test",
-            }) + "\n")
-    return path
-
-
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                 TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -101,7 +89,7 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
-    data = _write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     proc = _run([sys.executable, str(RECIPES / "presa_lora.py"), *_recipe_args(tiny_model_path, data, out, 4)])
     assert "presa run finished: 3 steps" in proc.stdout
@@ -122,7 +110,7 @@ def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
 @pytest.mark.slow
 def test_presa_recipe_two_gloo_processes_match_one(tiny_model_path, tmp_path):
     """Same global batch (1 x 4 vs 2 x 2). Tolerance 1e-4 absolute on nu and the final loss."""
-    data = _write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl")
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(RECIPES / "presa_lora.py"), *_recipe_args(tiny_model_path, data, one, 4)])
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",

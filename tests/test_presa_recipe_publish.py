@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.pairs import write_pairs
+
 from tests.hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,20 +70,6 @@ runpy.run_path(recipe, run_name="__main__")
 """
 
 
-def _pairs(path: Path, n: int = 12) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({
-                "prompt": f"How do I do task number {i} at home?",
-                "chosen": f"I can't help with task {i}, but here is a safer idea." if i % 2 == 0 else f"Sure: step one of task {i}.",
-                "rejected": f"Here is how: first mix the parts for task {i}, then heat them.",
-                "chosen_is_safe": True,
-                "rejected_is_safe": i % 4 == 1,
-                "source": "test",
-            }) + "\n")
-    return path
-
-
 def _env(hub_url: str, tmp_path: Path, snapshot_file: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -100,7 +88,7 @@ def _env(hub_url: str, tmp_path: Path, snapshot_file: Path) -> dict[str, str]:
 
 
 def _run_recipe(hub: HubServer, model, tmp_path: Path, repo_id: str):
-    data = _pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     snapshot_file = tmp_path / "publish_snapshot.json"
     cmd = [
