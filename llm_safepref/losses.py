@@ -29,6 +29,7 @@ __all__ = [
     "safety_margin",
     "safety_loss",
     "safety_prob",
+    "weighted_mean",
     "presa_lagrangian",
     "LagrangeMultiplier",
     "gaussian_kl",
@@ -140,15 +141,28 @@ def presa_lagrangian(
     safety_prob: torch.Tensor,
     nu: float | torch.Tensor,
     delta: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PRESA's Lagrangian ``mean(L_pref) + nu * (delta - mean(p(y | sigma)))``, a scalar.
 
     ``nu`` is the dual variable: it is a constant for the policy gradient (detached here),
-    and is moved only by :meth:`LagrangeMultiplier.update`.
+    and is moved only by :meth:`LagrangeMultiplier.update`. ``weights`` (same shape as
+    ``safety_prob``, e.g. per-class weights of safe / unsafe responses) make the constraint's
+    mean a weighted one, ``sum(w p) / sum(w)``.
     """
     if isinstance(nu, torch.Tensor):
         nu = nu.detach()
-    return pref_loss.mean() + nu * (delta - safety_prob.mean())
+    return pref_loss.mean() + nu * (delta - weighted_mean(safety_prob, weights))
+
+
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(w x) / sum(w)``; the plain mean when ``weights`` is None."""
+    if weights is None:
+        return x.mean()
+    if weights.shape != x.shape:
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not match values of shape {tuple(x.shape)}")
+    weights = weights.to(x)
+    return (weights * x).sum() / weights.sum().clamp(min=torch.finfo(x.dtype).tiny)
 
 
 @dataclass

@@ -104,6 +104,20 @@ class PresaConfig(DPOConfig):
         },
     )
 
+    safety_safe_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of safe responses in the safety constraint's mean, E_w[p] = sum(w p) / sum(w) (KTO's "
+            "desirable_weight). With safe responses pushed up less, the term works mostly by pushing unsafe "
+            "responses down, which raises refusals on benign prompts less. KTO's rule of thumb: "
+            "safe_weight * n_safe ~ unsafe_weight * n_unsafe."
+        },
+    )
+    safety_unsafe_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of unsafe responses in the safety constraint's mean (KTO's undesirable_weight)."},
+    )
+
     # ---------------------------------------------------------------- Lagrange multiplier
     nu_init: float = field(
         default=1.0,
@@ -138,6 +152,10 @@ class PresaConfig(DPOConfig):
         _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
         _require(self.safety_beta > 0, f"safety_beta must be > 0, got {self.safety_beta}")
         _require(0.0 <= self.safety_delta <= 1.0, f"safety_delta must lie in [0, 1], got {self.safety_delta}")
+        _require(self.safety_safe_weight >= 0 and self.safety_unsafe_weight >= 0
+                 and self.safety_safe_weight + self.safety_unsafe_weight > 0,
+                 f"safety_safe_weight and safety_unsafe_weight must be >= 0 and not both 0, got "
+                 f"{self.safety_safe_weight} and {self.safety_unsafe_weight}")
         _require(self.nu_max >= 0, f"nu_max must be >= 0, got {self.nu_max}")
         _require(0.0 <= self.nu_init <= self.nu_max, f"nu_init must lie in [0, nu_max={self.nu_max}], got {self.nu_init}")
         _require(self.nu_lr >= 0, f"nu_lr must be >= 0, got {self.nu_lr}")

@@ -239,11 +239,14 @@ class PresaTrainer(DPOTrainer):
         is_safe = torch.cat([chosen_is_safe, rejected_is_safe]).to(logps.device)
         ref_point = self._safety_ref_point(logps, ref_logps)
         p = safety_prob(logps, ref_logps, is_safe, beta=self.args.safety_beta, ref_point=ref_point)
-        loss = presa_lagrangian(pref_losses, p, self.multiplier.value, self.multiplier.delta)
+        weights = self._safety_weights(is_safe, p)
+        loss = presa_lagrangian(pref_losses, p, self.multiplier.value, self.multiplier.delta, weights=weights)
 
         if mode == "train" and torch.is_grad_enabled():
-            self._step_p_sum += float(p.detach().sum())
-            self._step_p_count += p.numel()
+            # Weighted sums, so nu sees the same (weighted) mean the loss constrains.
+            w = torch.ones_like(p) if weights is None else weights
+            self._step_p_sum += float((w * p.detach()).sum())
+            self._step_p_count += float(w.sum())
         self._log_batch_metrics(
             mode, pref_losses, p, is_safe, reward_scale, chosen_logps, rejected_logps, ref_chosen_logps,
             ref_rejected_logps, ref_point,
@@ -251,6 +254,13 @@ class PresaTrainer(DPOTrainer):
         if return_outputs:
             return loss, {"safety_prob": p.detach(), "pref_losses": pref_losses.detach()}
         return loss
+
+    def _safety_weights(self, is_safe: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+        """Per-response weights of the safety constraint (None when both class weights are 1)."""
+        w_safe, w_unsafe = self.args.safety_safe_weight, self.args.safety_unsafe_weight
+        if w_safe == 1.0 and w_unsafe == 1.0:
+            return None
+        return torch.where(is_safe.bool(), torch.tensor(w_safe), torch.tensor(w_unsafe)).to(p)
 
     def _safety_ref_point(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> float | torch.Tensor:
         if self._ref_point != "kto":

@@ -86,6 +86,20 @@ def test_presa_with_zero_nu_is_the_preference_loss():
     assert L.presa_lagrangian(pref, p, 0.0, delta=0.9).item() == pytest.approx(0.5)
 
 
+def test_presa_lagrangian_class_weights():
+    pref = torch.tensor([0.4])
+    p = torch.tensor([0.9, 0.7, 0.2], requires_grad=True)
+    w = torch.tensor([0.5, 0.5, 1.0])  # two safe responses at half weight, one unsafe
+    out = L.presa_lagrangian(pref, p, 2.0, delta=0.6, weights=w)
+    assert out.item() == pytest.approx(0.4 + 2.0 * (0.6 - (0.45 + 0.35 + 0.2) / 2.0))
+    out.backward()
+    # d/dp_i = -nu * w_i / sum(w): the unsafe response gets twice the push of each safe one.
+    assert p.grad.tolist() == pytest.approx([-0.5, -0.5, -1.0])
+    assert L.weighted_mean(p.detach(), torch.ones(3)).item() == pytest.approx(p.detach().mean().item())
+    with pytest.raises(ValueError, match="do not match"):
+        L.presa_lagrangian(pref, p, 1.0, delta=0.6, weights=torch.ones(2))
+
+
 def test_lagrange_multiplier_projected_ascent_and_state():
     nu = L.LagrangeMultiplier(delta=0.8, lr=0.5, init=0.2, nu_max=1.0)
     assert nu.update(0.4) == pytest.approx(0.4)  # 0.2 + 0.5 * (0.8 - 0.4)

@@ -142,6 +142,31 @@ def test_precomputed_reference_and_kto_ref_point(tiny_model_path, tmp_path):
     assert_nu_follows_constraint(trainer, args)
 
 
+def test_safety_class_weights_reach_loss_and_nu(tiny_model_path, tmp_path):
+    """nu moves with the class-weighted mean safety probability, which the logged per-class means give."""
+    model, tok = load(tiny_model_path)
+    args = config(tmp_path, safety_safe_weight=0.25, safety_unsafe_weight=1.0, safety_delta=0.8, max_steps=3)
+    trainer = PresaTrainer(model, args=args, train_dataset=make_dataset(), processing_class=tok,
+                           peft_config=lora_config())
+    trainer.train()
+    assert_nu_follows_constraint(trainer, args)
+    logs = train_logs(trainer)
+    for e in logs:
+        f = e["safety/frac_safe"]
+        assert 0 < f < 1, "the fixture batches must hold both classes"
+        expected = (0.25 * f * e["safety/prob_safe"] + (1 - f) * e["safety/prob_unsafe"]) / (0.25 * f + 1 - f)
+        assert e["lagrange/step_prob_mean"] == pytest.approx(expected, abs=1e-6)
+    # Step 1 starts at policy = reference (every p = 0.5); afterwards the weighted mean differs.
+    assert logs[-1]["lagrange/step_prob_mean"] != pytest.approx(logs[-1]["safety/prob_mean"], abs=1e-4)
+
+
+def test_safety_class_weights_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="safety_safe_weight"):
+        config(tmp_path, safety_safe_weight=0.0, safety_unsafe_weight=0.0)
+    with pytest.raises(ValueError, match="safety_safe_weight"):
+        config(tmp_path, safety_unsafe_weight=-1.0)
+
+
 def test_gradient_accumulation_updates_nu_once_per_optimizer_step(tiny_model_path, tmp_path):
     model, tok = load(tiny_model_path)
     args = config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
