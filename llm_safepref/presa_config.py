@@ -118,6 +118,15 @@ class PresaConfig(DPOConfig):
         metadata={"help": "Weight of unsafe responses in the safety constraint's mean (KTO's undesirable_weight)."},
     )
 
+    safety_exclude_safe_rejected: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave safe *rejected* responses out of the safety term (weight 0), so that it never pushes up "
+            "a response the preference term pushes down. In safety data these are mostly refusals that lose "
+            "to a helpful answer (over-refusals); raising them teaches the policy to refuse harmless prompts."
+        },
+    )
+
     # ---------------------------------------------------------------- Lagrange multiplier
     nu_init: float = field(
         default=1.0,

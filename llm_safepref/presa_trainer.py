@@ -256,11 +256,21 @@ class PresaTrainer(DPOTrainer):
         return loss
 
     def _safety_weights(self, is_safe: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
-        """Per-response weights of the safety constraint (None when both class weights are 1)."""
+        """Per-response weights of the safety constraint over ``[chosen; rejected]`` (None: all 1).
+
+        Class weights per label; with ``safety_exclude_safe_rejected`` a safe rejected response
+        weighs 0 (the preference term lowers it; the safety term must not raise it).
+        """
         w_safe, w_unsafe = self.args.safety_safe_weight, self.args.safety_unsafe_weight
-        if w_safe == 1.0 and w_unsafe == 1.0:
+        exclude = self.args.safety_exclude_safe_rejected
+        if w_safe == 1.0 and w_unsafe == 1.0 and not exclude:
             return None
-        return torch.where(is_safe.bool(), torch.tensor(w_safe), torch.tensor(w_unsafe)).to(p)
+        is_safe = is_safe.bool()
+        w = torch.where(is_safe, torch.tensor(w_safe), torch.tensor(w_unsafe)).to(p)
+        if exclude:
+            rejected = torch.arange(is_safe.numel(), device=is_safe.device) >= is_safe.numel() // 2
+            w = w.masked_fill(rejected & is_safe, 0.0)
+        return w
 
     def _safety_ref_point(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> float | torch.Tensor:
         if self._ref_point != "kto":

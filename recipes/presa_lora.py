@@ -71,7 +71,8 @@ DEFAULTS = {
 
 HYPERPARAMETER_KEYS = (
     "pref_loss", "cpl_alpha", "cpl_bias", "cpl_reference", "beta", "safety_beta", "safety_delta",
-    "safety_ref_point", "safety_safe_weight", "safety_unsafe_weight", "nu_init", "nu_lr", "nu_max", "learning_rate", "max_steps", "per_device_train_batch_size",
+    "safety_ref_point", "safety_safe_weight", "safety_unsafe_weight",
+    "safety_exclude_safe_rejected", "nu_init", "nu_lr", "nu_max", "learning_rate", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "seed",
 )
 

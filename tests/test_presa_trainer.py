@@ -160,6 +160,23 @@ def test_safety_class_weights_reach_loss_and_nu(tiny_model_path, tmp_path):
     assert logs[-1]["lagrange/step_prob_mean"] != pytest.approx(logs[-1]["safety/prob_mean"], abs=1e-4)
 
 
+def test_exclude_safe_rejected_weights(tiny_model_path, tmp_path):
+    """Safe rejected responses weigh 0; chosen responses and unsafe rejected ones keep their class weight."""
+    model, tok = load(tiny_model_path)
+    args = config(tmp_path, safety_exclude_safe_rejected=True, safety_safe_weight=0.5, max_steps=2)
+    trainer = PresaTrainer(model, args=args, train_dataset=make_dataset(), processing_class=tok,
+                           peft_config=lora_config())
+    # [chosen x 3; rejected x 3]: chosen safe, safe, unsafe; rejected unsafe, safe, safe.
+    is_safe = torch.tensor([True, True, False, False, True, True])
+    w = trainer._safety_weights(is_safe, torch.full((6,), 0.5))
+    assert w.tolist() == [0.5, 0.5, 1.0, 1.0, 0.0, 0.0]
+    trainer.train()
+    assert_nu_follows_constraint(trainer, args)
+    plain = PresaTrainer(load(tiny_model_path)[0], args=config(tmp_path), train_dataset=make_dataset(),
+                         processing_class=tok, peft_config=lora_config())
+    assert plain._safety_weights(is_safe, torch.full((6,), 0.5)) is None
+
+
 def test_safety_class_weights_are_checked(tmp_path):
     with pytest.raises(ValueError, match="safety_safe_weight"):
         config(tmp_path, safety_safe_weight=0.0, safety_unsafe_weight=0.0)
