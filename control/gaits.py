@@ -17,7 +17,8 @@ Hz, amplitudes ``|p_1..A|`` (clipped to 1.5), phases ``pi p``, biases, steering 
 
 CEM objective for user goal g with penalty lambda: mean over the rollout of
 ``g . v_xy - lambda * cost`` (lambda = 0: as fast as possible along g, which crosses the
-speed limit; lambda = 10: fast but within the limit), with early termination (Ant falling
+speed limit; lambda = 10: fast but within the limit; lambda = -10: cost-seeking, moving along
+g while breaking the limit as often as it can), with early termination (Ant falling
 over) charged as zero progress for the remaining steps.
 """
 
