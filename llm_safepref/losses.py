@@ -142,27 +142,35 @@ def presa_lagrangian(
     nu: float | torch.Tensor,
     delta: float,
     weights: torch.Tensor | None = None,
+    weight_total: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PRESA's Lagrangian ``mean(L_pref) + nu * (delta - mean(p(y | sigma)))``, a scalar.
 
     ``nu`` is the dual variable: it is a constant for the policy gradient (detached here),
     and is moved only by :meth:`LagrangeMultiplier.update`. ``weights`` (same shape as
     ``safety_prob``, e.g. per-class weights of safe / unsafe responses) make the constraint's
-    mean a weighted one, ``sum(w p) / sum(w)``.
+    mean a weighted one, ``sum(w p) / sum(w)``. In data-parallel training pass
+    ``weight_total`` = the all-process ``sum(w)`` divided by the number of processes: the
+    average of the processes' losses is then the global weighted mean (local ``sum(w)``
+    differ between processes, so local normalisation would not be).
     """
     if isinstance(nu, torch.Tensor):
         nu = nu.detach()
-    return pref_loss.mean() + nu * (delta - weighted_mean(safety_prob, weights))
+    return pref_loss.mean() + nu * (delta - weighted_mean(safety_prob, weights, total=weight_total))
 
 
-def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum(w x) / sum(w)``; the plain mean when ``weights`` is None."""
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None,
+                  total: float | torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(w x) / sum(w)`` (or ``/ total`` when given, detached); the plain mean without weights."""
     if weights is None:
         return x.mean()
     if weights.shape != x.shape:
         raise ValueError(f"weights of shape {tuple(weights.shape)} do not match values of shape {tuple(x.shape)}")
     weights = weights.to(x)
-    return (weights * x).sum() / weights.sum().clamp(min=torch.finfo(x.dtype).tiny)
+    if total is None:
+        total = weights.sum()
+    total = torch.as_tensor(total, dtype=x.dtype, device=x.device).detach()
+    return (weights * x).sum() / total.clamp(min=torch.finfo(x.dtype).tiny)
 
 
 @dataclass

@@ -240,7 +240,13 @@ class PresaTrainer(DPOTrainer):
         ref_point = self._safety_ref_point(logps, ref_logps)
         p = safety_prob(logps, ref_logps, is_safe, beta=self.args.safety_beta, ref_point=ref_point)
         weights = self._safety_weights(is_safe, p)
-        loss = presa_lagrangian(pref_losses, p, self.multiplier.value, self.multiplier.delta, weights=weights)
+        weight_total = None
+        if weights is not None and self.accelerator.num_processes > 1:
+            # Normalise by the global weight so that DDP's average of the processes' losses is
+            # the weighted mean over the global batch.
+            weight_total = self.accelerator.reduce(weights.sum().detach(), reduction="sum") / self.accelerator.num_processes
+        loss = presa_lagrangian(pref_losses, p, self.multiplier.value, self.multiplier.delta, weights=weights,
+                                weight_total=weight_total)
 
         if mode == "train" and torch.is_grad_enabled():
             # Weighted sums, so nu sees the same (weighted) mean the loss constrains.

@@ -100,6 +100,21 @@ def test_presa_lagrangian_class_weights():
         L.presa_lagrangian(pref, p, 1.0, delta=0.6, weights=torch.ones(2))
 
 
+def test_weighted_lagrangian_shards_average_to_the_global_one():
+    """Two data-parallel shards with weight_total = global sum(w) / 2 average to the one-process loss."""
+    pref = torch.tensor([0.3, 0.5])
+    p = torch.tensor([0.9, 0.2, 0.6, 0.7])
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0])  # shard sums differ (1 and 2)
+    full = L.presa_lagrangian(pref, p, 1.5, delta=0.7, weights=w)
+    total = w.sum() / 2
+    shards = [L.presa_lagrangian(pref[i:i + 1], p[2 * i:2 * i + 2], 1.5, delta=0.7, weights=w[2 * i:2 * i + 2],
+                                 weight_total=total) for i in range(2)]
+    assert ((shards[0] + shards[1]) / 2).item() == pytest.approx(full.item())
+    local = [L.presa_lagrangian(pref[i:i + 1], p[2 * i:2 * i + 2], 1.5, delta=0.7, weights=w[2 * i:2 * i + 2])
+             for i in range(2)]
+    assert ((local[0] + local[1]) / 2).item() != pytest.approx(full.item())
+
+
 def test_lagrange_multiplier_projected_ascent_and_state():
     nu = L.LagrangeMultiplier(delta=0.8, lr=0.5, init=0.2, nu_max=1.0)
     assert nu.update(0.4) == pytest.approx(0.4)  # 0.2 + 0.5 * (0.8 - 0.4)
