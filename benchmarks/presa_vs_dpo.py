@@ -121,7 +121,8 @@ def worker(args) -> dict:
         data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs])
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     else:
-        config = PresaConfig(per_device_train_batch_size=args.batch, pref_loss="dpo", **common)
+        config = PresaConfig(per_device_train_batch_size=args.batch, pref_loss="dpo",
+                             safety_exclude_safe_rejected=bool(args.exclude_safe_rejected), **common)
         trainer = PresaTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
                                processing_class=tokenizer, peft_config=lora)
 
@@ -170,7 +171,8 @@ def orchestrate(args) -> dict:
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--method", method,
                        "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--max_length", str(args.max_length), "--prompt_words", str(args.prompt_words),
-                       "--response_words", str(args.response_words), "--tmp", args.tmp]
+                       "--response_words", str(args.response_words), "--tmp", args.tmp,
+                       "--exclude_safe_rejected", str(args.exclude_safe_rejected)]
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
@@ -184,7 +186,8 @@ def orchestrate(args) -> dict:
             "model": model,
             "batch": {"pairs_per_step": args.batch, "max_length": args.max_length,
                       "prompt_words": args.prompt_words, "response_words": args.response_words,
-                      "timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds},
+                      "timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
+                      "presa_safety_exclude_safe_rejected": bool(args.exclude_safe_rejected)},
             "step_time_s": med,
             "peak_memory_bytes": mem,
             "tokens_per_s": {m: statistics.median(r["tokens_per_s"] for r in runs[m]) for m in METHODS},
@@ -207,6 +210,8 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--prompt_words", type=int, default=24)
     p.add_argument("--response_words", type=int, default=48)
+    p.add_argument("--exclude_safe_rejected", type=int, choices=[0, 1], default=1,
+                   help="PRESA's safety_exclude_safe_rejected (1, as the default recipe runs it)")
     p.add_argument("--tmp", default="/tmp/llm_safepref_bench")
     p.add_argument("--out", default=None, help="write the JSON here (e.g. results/presa_vs_dpo.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
