@@ -251,8 +251,9 @@ class PresaTrainer(DPOTrainer):
         if mode == "train" and torch.is_grad_enabled():
             # Weighted sums, so nu sees the same (weighted) mean the loss constrains.
             w = torch.ones_like(p) if weights is None else weights
-            self._step_p_sum += float((w * p.detach()).sum())
-            self._step_p_count += float(w.sum())
+            p_sum, w_sum = torch.stack([(w * p.detach()).sum(), w.sum()]).tolist()  # one host sync
+            self._step_p_sum += p_sum
+            self._step_p_count += w_sum
         self._log_batch_metrics(
             mode, pref_losses, p, is_safe, reward_scale, chosen_logps, rejected_logps, ref_chosen_logps,
             ref_rejected_logps, ref_point,
@@ -272,7 +273,7 @@ class PresaTrainer(DPOTrainer):
         if w_safe == 1.0 and w_unsafe == 1.0 and not exclude:
             return None
         is_safe = is_safe.bool()
-        w = torch.where(is_safe, torch.tensor(w_safe), torch.tensor(w_unsafe)).to(p)
+        w = torch.where(is_safe, w_safe, w_unsafe).to(p)
         if exclude:
             rejected = torch.arange(is_safe.numel(), device=is_safe.device) >= is_safe.numel() // 2
             w = w.masked_fill(rejected & is_safe, 0.0)
