@@ -1,8 +1,41 @@
 """llm_safepref: align language models to be safe from preferences and safety labels.
 
-Submodules are imported lazily so ``import llm_safepref`` stays cheap:
-``llm_safepref.losses`` (the shared loss core), ``llm_safepref.models`` (embedded and
-tiny models), and the trainers, data and evaluation packages.
+``import llm_safepref`` is cheap: the trainers are loaded on first use (module
+``__getattr__``), so ``from llm_safepref import PresaTrainer, PresaConfig`` works and
+``import llm_safepref.core`` loads only torch and numpy.
+
+* :mod:`llm_safepref.core`: the loss core, multiplier, latent math, statistics and run
+  records shared with ``control/``.
+* :mod:`llm_safepref.methods`: one folder per method (``presa/``; ``base/`` holds what every
+  preference-with-labels trainer shares).
+* :mod:`llm_safepref.data`, :mod:`llm_safepref.eval`, :mod:`llm_safepref.judge`: the offline
+  safety benchmark; :mod:`llm_safepref.recipes`: the recipes' shared plumbing;
+  :mod:`llm_safepref.publish`: model cards and Hub publishing.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+#: Public names loaded lazily: name -> module.
+_LAZY = {
+    "PresaConfig": "llm_safepref.methods.presa.config",
+    "PresaTrainer": "llm_safepref.methods.presa.trainer",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llm_safepref' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

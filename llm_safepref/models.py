@@ -23,6 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
+from llm_safepref.core.paths import cache_root
+
 __all__ = [
     "EMBEDDED_MODEL_ALIASES",
     "EMBEDDED_MODEL_NAME",
@@ -43,11 +45,8 @@ _CONVERTED_MARKER = "llm_safepref_conversion.json"
 
 
 def cache_dir() -> Path:
-    """Root of the toolkit's cache (``$LLM_SAFEPREF_CACHE`` or ``~/.cache/llm_safepref``)."""
-    root = os.environ.get("LLM_SAFEPREF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llm_safepref"
-    )
-    path = Path(root)
+    """Root of the toolkit's cache (:func:`llm_safepref.core.paths.cache_root`), created on first use."""
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
