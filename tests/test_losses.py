@@ -167,8 +167,15 @@ def test_losses_do_not_move_devices_or_keep_state():
     # Pure functions: dtype and device of the inputs are kept; nothing is cached between calls.
     c = torch.tensor([-1.0, -2.0], dtype=torch.float64)
     r = torch.tensor([-2.0, -1.0], dtype=torch.float64)
-    assert L.cpl_loss(c, r, alpha=1.0).dtype == torch.float64
-    assert torch.equal(L.cpl_loss(c, r, alpha=1.0), L.cpl_loss(c, r, alpha=1.0))
+    first = L.cpl_loss(c, r, alpha=1.0)
+    assert first.dtype == torch.float64 and first.device == c.device
+    # softplus(-(S+ - S-)): logits -1 - (-2) = 1 and -2 - (-1) = -1, in float64 precision.
+    assert first.tolist() == pytest.approx([math.log1p(math.exp(-1.0)), math.log1p(math.exp(1.0))], rel=1e-12)
+    # A call on other inputs in between leaves no trace (no cache, no running statistic).
+    L.cpl_loss(torch.tensor([5.0, 7.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64), alpha=3.0)
+    L.presa_lagrangian(first, torch.tensor([0.2, 0.9], dtype=torch.float64), 2.0, 0.7)
+    assert torch.equal(L.cpl_loss(c, r, alpha=1.0), first)
+    assert L.safety_prob(c.float(), r.float(), torch.tensor([True, False]), beta=1.0).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- against TRL
