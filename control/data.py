@@ -30,8 +30,12 @@ File format (``<dir>/<task>__<scale>__seed<seed>.npz`` + ``.json`` with the same
   ``penalties`` (N,) float32 lambda of the behaviour policy, ``noise`` (N,) float32 action
   noise std, ``source`` (N,) int8 (0 = online training, 1 = final-policy rollouts,
   2 = gait-search rollouts, 3 = rollouts of the best gaits; 2 and 3 only for ``GAIT_TASKS``).
-The JSON holds provenance: task, scale, seed, command, version, created (UTC), user goals,
-feature names, the scale and SAC configs, and summary statistics.
+The JSON holds provenance: task, scale, seed, format version, the run record of
+``llm_safepref.core.provenance.run_record`` (command, git revision, library versions, lock
+hash, machine, date), ``created_utc``, user goals, feature names, the scale and SAC configs,
+and the gait-search summary. It is written by ``llm_safepref.core.provenance.write_json``
+(atomic, secrets redacted). Both behaviour learners collect through
+``control.collection.BatchCollector``.
 """
 
 from __future__ import annotations
@@ -40,16 +44,20 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
-from control.tasks import TaskSpec, get_spec, make_task
+from control.collection import BatchCollector
+from control.gaits import GaitConfig, search_gaits
+from control.policies import PENALTIES, SAC, SACConfig
+from control.tasks import TaskSpec, get_spec
+from llm_safepref.core.paths import cache_root
+from llm_safepref.core.provenance import current_command, run_record, write_json
 
 __all__ = [
     "VERSION",
@@ -57,7 +65,6 @@ __all__ = [
     "SCALES",
     "scale_config",
     "Dataset",
-    "BatchCollector",
     "build_dataset",
     "load_or_build",
     "build_and_cache",
@@ -108,8 +115,8 @@ SCALES = ("smoke", "small", "paper")
 def scale_config(task: str, scale: str) -> ScaleConfig:
     """The build settings for (task, scale).
 
-    smoke: seconds (tests); small: the six tasks took ~33 min on one CPU core here; paper: 10x
-    the small SAC budget (hours).
+    smoke: seconds (tests); small: the budget of the kept `small` build (its build times and
+    command: ``docs/control.md``, "The `small` build"); paper: 10x the small SAC budget.
     """
     get_spec(task)
     if scale == "smoke":
@@ -128,10 +135,8 @@ def scale_config(task: str, scale: str) -> ScaleConfig:
 GAIT_TASKS = ("ant_vel", "swimmer_vel")
 
 
-def gait_config(task: str, scale: str):
+def gait_config(task: str, scale: str) -> GaitConfig | None:
     """The gait-search settings for (task, scale), or None when the task has no gait stage."""
-    from control.gaits import GaitConfig
-
     if task not in GAIT_TASKS:
         return None
     if scale == "smoke":
@@ -139,13 +144,11 @@ def gait_config(task: str, scale: str):
                           swim_iters=1)
     if scale == "small":
         # lambda = -10 (cost-seeking: progress + 10 x cost) is what reliably crosses the speed limit
-        # for every user goal; lambda 0 alone left Ant's unsafe segments at ~3% and Swimmer's -y
-        # goal almost without cost (control-data-1).
+        # for every user goal; lambda 0 alone left too few unsafe segments (control-data-1; the
+        # measurements and their commands: docs/control.md, "Gait search").
         if task == "ant_vel":
             # Ant: short 100-step search rollouts (violent gaits flip the Ant; a long horizon scores
-            # them 0) and a larger search: probe `python -m control.gaits --task ant_vel --goals 1
-            # --penalties -10 --horizon 100 --iters 40 --population 32 --elites 6` gave 80% unsafe
-            # 64-step segments among the elites, against 16% with 200 steps, 20 x 16.
+            # them 0) and a larger search (the probe that chose them: docs/control.md, "Gait search").
             return GaitConfig(iters=40, population=32, elites=6, horizon=100, penalties=(-10.0, 0.0, 10.0),
                               noise_levels=(0.0, 0.1, 0.3), swim_iters=20)
         return GaitConfig(iters=20, population=16, elites=4, horizon=400, penalties=(-10.0, 0.0, 10.0),
@@ -161,129 +164,6 @@ _GAMMA = {"swimmer_vel": 0.999}
 # SAC reward scale during training only (stored rewards are unscaled): Swimmer's speeds are
 # ~0.1 m/s, too small next to the entropy bonus.
 _REWARD_SCALE = {"swimmer_vel": 10.0}
-
-
-# --------------------------------------------------------------------------- collection
-
-
-class _EpisodeBuffer:
-    """Transitions of one running episode (lists of per-step records)."""
-
-    def __init__(self):
-        self.rows: list[dict[str, Any]] = []
-
-
-class BatchCollector:
-    """Steps ``n`` envs of one task in lockstep; auto-resets; stores finished episodes in order.
-
-    The caller computes a batch of actions (n, A) from ``obs`` (n, obs_dim) and ``conds()``
-    (n, goal_dim + 1) = ``[goal / goal_scale, lambda / 10]`` of each env's current behaviour
-    condition, then calls ``step``. ``choose(i) -> (goal_id, lambda, noise)`` picks the
-    condition of env i's next episode.
-    """
-
-    def __init__(self, task: str, n_envs: int, seed: int, horizon: int | None = None):
-        self.spec: TaskSpec = get_spec(task)
-        self.envs = [make_task(task, seed=seed * 10_007 + i) for i in range(n_envs)]
-        self.horizon = horizon or self.spec.max_episode_steps
-        self.goal_scale = np.maximum(np.abs(self.spec.goal_low), np.abs(self.spec.goal_high))
-        self.goal_scale[self.goal_scale == 0] = 1.0
-        self.episodes: list[dict[str, np.ndarray]] = []
-        self._running = [_EpisodeBuffer() for _ in range(n_envs)]
-        self._cond = [(-1, 0.0, 0.0)] * n_envs
-        self._obs = np.zeros((n_envs, self.envs[0].observation_space.shape[0]))
-        self._t = np.zeros(n_envs, dtype=int)
-        self.done = np.zeros(n_envs, dtype=bool)
-
-    def cond_vector(self, goal_id: int, lam: float) -> np.ndarray:
-        goal = np.zeros(self.spec.goal_dim) if goal_id < 0 else self.spec.user_goals[goal_id]
-        return np.concatenate([goal / self.goal_scale, [lam / 10.0]])
-
-    def start(self, choose: Callable[[int], tuple[int, float, float]]) -> None:
-        for i, env in enumerate(self.envs):
-            self._begin(i, choose)
-
-    def _begin(self, i: int, choose) -> None:
-        self._cond[i] = choose(i)
-        goal_id = self._cond[i][0]
-        if goal_id >= 0:
-            self.envs[i].set_goal(self.spec.user_goals[goal_id])
-        self._obs[i], _ = self.envs[i].reset()
-        self._t[i] = 0
-        self._running[i] = _EpisodeBuffer()
-
-    def conds(self) -> np.ndarray:
-        return np.stack([self.cond_vector(g, lam) for g, lam, _ in self._cond])
-
-    def step(self, actions: np.ndarray, choose, source: int, continue_: bool = True,
-             active: np.ndarray | None = None) -> list[dict]:
-        """Step every (active) env; returns the new transitions (for a replay buffer).
-
-        With ``continue_=False`` a finished env is not reset and ``self.done[i]`` is set.
-        """
-        new = []
-        for i, env in enumerate(self.envs):
-            if active is not None and not active[i]:
-                continue
-            obs2, _, term, trunc, info = env.step(actions[i])
-            self._t[i] += 1
-            timeout = bool(trunc) or self._t[i] >= self.horizon
-            row = {
-                "obs": self._obs[i].copy(), "act": np.clip(actions[i], -1, 1), "obs2": obs2,
-                "cost": info["cost"], "term": bool(term), "timeout": timeout and not term,
-                "feats": info["features"], "t": self._t[i] - 1, "goal_id": self._cond[i][0],
-                "lam": self._cond[i][1], "noise": self._cond[i][2], "source": source,
-            }
-            self._running[i].rows.append(row)
-            new.append(row)
-            self._obs[i] = obs2
-            if term or timeout:
-                self._flush(i)
-                if continue_:
-                    self._begin(i, choose)
-                else:
-                    self.done[i] = True
-        return new
-
-    def _flush(self, i: int) -> None:
-        rows = self._running[i].rows
-        if rows:
-            self.episodes.append(_stack_rows(rows, self.spec.feature_names))
-        self._running[i] = _EpisodeBuffer()
-
-    def flush_all(self) -> None:
-        """Close running episodes (marked as timeouts at their last step)."""
-        for i in range(len(self.envs)):
-            if self._running[i].rows:
-                self._running[i].rows[-1]["timeout"] = not self._running[i].rows[-1]["term"]
-                self._flush(i)
-
-    @property
-    def obs(self) -> np.ndarray:
-        return self._obs.copy()
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-
-def _stack_rows(rows: list[dict], feature_names) -> dict[str, np.ndarray]:
-    out = {
-        "observations": np.stack([r["obs"] for r in rows]).astype(np.float32),
-        "actions": np.stack([r["act"] for r in rows]).astype(np.float32),
-        "next_observations": np.stack([r["obs2"] for r in rows]).astype(np.float32),
-        "costs": np.array([r["cost"] for r in rows], dtype=np.float32),
-        "terminals": np.array([r["term"] for r in rows], dtype=bool),
-        "timeouts": np.array([r["timeout"] for r in rows], dtype=bool),
-        "timesteps": np.array([r["t"] for r in rows], dtype=np.int32),
-        "goal_ids": np.array([r["goal_id"] for r in rows], dtype=np.int16),
-        "penalties": np.array([r["lam"] for r in rows], dtype=np.float32),
-        "noise": np.array([r["noise"] for r in rows], dtype=np.float32),
-        "source": np.array([r["source"] for r in rows], dtype=np.int8),
-    }
-    for k in feature_names:
-        out["feat__" + k] = np.array([r["feats"][k] for r in rows], dtype=np.float64)
-    return out
 
 
 # --------------------------------------------------------------------------- dataset
@@ -334,39 +214,22 @@ def _concat_episodes(episodes: list[dict[str, np.ndarray]], spec: TaskSpec) -> d
     return arrays
 
 
-def machine_description() -> str:
-    """CPU arch, logical CPUs, memory and Python version of this machine (for provenance)."""
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = int(f.readline().split()[1])
-        mem = f", {kib / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs{mem}, "
-            f"Python {platform.python_version()}, CPU only")
-
-
 def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: str | None = None,
                   log: Callable[[str], None] | None = None, config: ScaleConfig | None = None,
-                  gait: Any = "auto") -> Dataset:
+                  gait: GaitConfig | str | None = "auto") -> Dataset:
     """Train the behaviour agent and collect the dataset for (task, scale, seed). See module doc.
 
     ``gait``: a ``control.gaits.GaitConfig`` to add a gait-search stage, None for none, or
-    "auto" (default) for ``gait_config(task, scale)``.
+    "auto" (default) for ``gait_config(task, scale)``. ``command``: the command line recorded
+    in the run record (default: this process's).
     """
-    import torch
-
-    from control.policies import PENALTIES, SAC, SACConfig
-
     spec = get_spec(task)
     cfg = config or scale_config(task, scale)
     log = log or (lambda s: None)
     rng = np.random.default_rng(seed)
     t_start = time.time()
     col = BatchCollector(task, cfg.n_envs, seed, cfg.horizon)
-    obs_dim = col._obs.shape[1]
-    act_dim = col.envs[0].action_space.shape[0]
+    obs_dim, act_dim = col.obs_dim, col.act_dim
     sac_cfg = SACConfig(hidden=cfg.hidden, batch_size=cfg.batch_size, gamma=_GAMMA.get(task, 0.99))
     agent = SAC(obs_dim, spec.goal_dim + 1, act_dim, sac_cfg, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -434,10 +297,7 @@ def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: st
     col_r = BatchCollector(task, cfg.n_envs, seed + 1, cfg.horizon)  # envs reused across chunks
     for start in range(0, len(plan), cfg.n_envs):
         chunk = plan[start:start + cfg.n_envs]
-        col_r.done[:] = True
-        for i in range(len(chunk)):
-            col_r._begin(i, lambda _i, c=chunk[i]: c)
-            col_r.done[i] = False
+        col_r.begin_batch(chunk)
         sd = np.zeros((cfg.n_envs, 1))
         sd[: len(chunk), 0] = [c[2] for c in chunk]
         while not col_r.done.all():
@@ -453,8 +313,6 @@ def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: st
     gcfg = gait_config(task, scale) if isinstance(gait, str) and gait == "auto" else gait
     gait_summary = None
     if gcfg is not None:
-        from control.gaits import search_gaits
-
         t_g = time.time()
         eps, best, gait_summary = search_gaits(task, gcfg, cfg.n_envs, seed, rng, log=log,
                                                final_horizon=cfg.horizon)
@@ -470,9 +328,8 @@ def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: st
         "task": task,
         "scale": scale,
         "seed": seed,
-        "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **run_record(command=command if command is not None else current_command()),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": machine_description(),
         "build_seconds": round(time.time() - t_start, 1),
         "env_id": spec.env_id,
         "user_goals": spec.user_goals.tolist(),
@@ -496,8 +353,6 @@ def build_dataset(task: str, scale: str = "smoke", seed: int = 0, *, command: st
 
 def build_and_cache(task: str, scale: str, seed: int, data_dir, force: bool, threads: int, command: str) -> str:
     """Build (or load from cache) one dataset; used by the CLI, also in worker processes."""
-    import torch
-
     torch.set_num_threads(threads)
     t0 = time.time()
     path = dataset_path(task, scale, seed, data_dir)
@@ -516,8 +371,8 @@ def build_and_cache(task: str, scale: str, seed: int, data_dir, force: bool, thr
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("LLM_SAFEPREF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm_safepref"))
-    return Path(base) / "control_data"
+    """``<cache root>/control_data`` (``llm_safepref.core.paths.cache_root``: ``$LLM_SAFEPREF_CACHE``, ...)."""
+    return cache_root() / "control_data"
 
 
 def dataset_path(task: str, scale: str, seed: int, data_dir: str | Path | None = None) -> Path:
@@ -530,7 +385,7 @@ def save_dataset(ds: Dataset, path: str | Path) -> Path:
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **ds.arrays)
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(ds.meta, indent=2))
+    write_json(path.with_suffix(".json"), ds.meta)
     return path
 
 

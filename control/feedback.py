@@ -9,11 +9,17 @@ the observations and actions.
   ``set_size`` segment pairs; each set is labelled by ONE user u on the score
   ``sum_t r_u(s_t, a_t) - penalty * sum_t c_t`` (penalty 10: safety is shared by the crowd).
   Labels are deterministic (argmax) or Boltzmann-rational,
-  ``P(sigma_1 > sigma_2) = sigmoid(beta (score_1 - score_2))``, then flipped with probability
-  ``label_noise``. ``user_weights`` sets how often each user labels a set (group imbalance).
-- PRESA feedback: pairs preferred by cumulative reward of one goal (no cost), plus a binary
+  ``P(sigma_1 > sigma_2) = sigmoid(beta (score_1 - score_2))`` (the Bradley–Terry model of
+  ``llm_safepref.core.losses.bradley_terry_loss``, whose negative log it is), then flipped
+  with probability ``label_noise``. ``user_weights`` sets how often each user labels a set (group imbalance).
+- PRESA feedback: pairs preferred by cumulative reward of one goal (no cost), labelled the
+  same way (argmax or Boltzmann with ``beta``, flipped with ``label_noise``), plus a binary
   safety label per segment: safe iff its cumulative cost <= ``cost_threshold`` (default the
-  episode budget kappa pro-rated to the segment, ``kappa * L / T``).
+  episode budget kappa pro-rated to the segment, ``kappa * L / T``). Safety labels are never
+  flipped: ``label_noise`` is preference noise.
+- Statistics (:func:`dataset_statistics`) bin the episodes of every user goal by the exact
+  lambda of their behaviour policy (SAC's 0 and 10, the gait search's -10, 0 and 10), so
+  every goal-directed episode falls in exactly one bin.
 
 Column vocabulary shared with the token-level datasets: ``chosen``, ``rejected``,
 ``chosen_is_safe``, ``rejected_is_safe``, ``user_id``.
@@ -25,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from control.data import Dataset, DataError
+from llm_safepref.core.losses import bradley_terry_loss
 
 __all__ = [
     "CrowdFeedbackConfig",
@@ -42,6 +50,8 @@ __all__ = [
     "validate_feedback",
     "segment_cost_threshold",
     "dataset_statistics",
+    "penalty_key",
+    "BUILD_RECORD_KEYS",
 ]
 
 
@@ -99,13 +109,16 @@ def segment_cost_threshold(ds: Dataset, segment_length: int) -> float:
 
 def _label(score_a: np.ndarray, score_b: np.ndarray, beta: float | None, noise: float,
            rng: np.random.Generator) -> np.ndarray:
-    """True where segment a is preferred over b."""
+    """True where segment a is preferred over b. Scores (B,) -> (B,) bool."""
     if beta is None:
         a_wins = score_a > score_b
         ties = score_a == score_b
         a_wins = np.where(ties, rng.random(len(score_a)) < 0.5, a_wins)
     else:
-        p = 1.0 / (1.0 + np.exp(-np.clip(beta * (score_a - score_b), -60, 60)))
+        # Boltzmann-rational labeller: P(a > b) = sigmoid(beta (s_a - s_b)) = exp(-L_BT(beta s_a, beta s_b)).
+        r_a = torch.as_tensor(beta * np.asarray(score_a, dtype=np.float64))
+        r_b = torch.as_tensor(beta * np.asarray(score_b, dtype=np.float64))
+        p = torch.exp(-bradley_terry_loss(r_a, r_b)).numpy()
         a_wins = rng.random(len(score_a)) < p
     if noise > 0:
         a_wins = np.where(rng.random(len(score_a)) < noise, ~a_wins, a_wins)
@@ -198,6 +211,8 @@ class PresaFeedbackConfig:
     def __post_init__(self):
         if not 0.0 <= self.label_noise <= 0.5:
             raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"beta must be > 0 or None, got {self.beta}")
         if self.n_pairs < 1 or self.segment_length < 1:
             raise ValueError("n_pairs and segment_length must be >= 1")
 
@@ -274,11 +289,25 @@ def _summary(x: np.ndarray) -> dict[str, float]:
             "p10": float(q[0]), "median": float(q[1]), "p90": float(q[2]), "max": float(x.max())}
 
 
+def penalty_key(lam: float) -> str:
+    """Bin name of a behaviour policy's lambda in the statistics: ``penalty0``, ``penalty10``, ``penalty-10``."""
+    return f"penalty{float(lam):g}"
+
+
+#: Run-record fields of a dataset's build (``llm_safepref.core.provenance.run_record``) kept in its statistics.
+BUILD_RECORD_KEYS = ("command", "git_revision", "versions", "lock_sha256", "machine", "date", "created_utc",
+                     "build_seconds", "scale", "seed", "format")
+
+
 def dataset_statistics(ds: Dataset, segment_length: int = 64) -> dict[str, Any]:
     """Return and cost distributions per user goal and the fraction of unsafe segments.
 
     Segments here are the non-overlapping windows of ``segment_length`` in every episode; a
-    segment is unsafe when its cumulative cost exceeds ``kappa * L / T``.
+    segment is unsafe when its cumulative cost exceeds ``kappa * L / T``. The episodes of
+    each user goal are also split by the exact lambda of their behaviour policy
+    (``..._own_episodes_penalty<lambda>``, one bin per lambda in the dataset, listed in
+    ``penalties``): every episode of a goal is in exactly one bin. The build's run record
+    (``BUILD_RECORD_KEYS``, None where an older build lacks one) is copied from its metadata.
     """
     spec = ds.spec
     bounds = ds.episode_bounds()
@@ -288,21 +317,23 @@ def dataset_statistics(ds: Dataset, segment_length: int = 64) -> dict[str, Any]:
     thr = segment_cost_threshold(ds, segment_length)
     ep_cost = np.add.reduceat(ds["costs"].astype(np.float64), bounds[:, 0])  # (E,)
     ep_goal = ds["goal_ids"][bounds[:, 0]]
-    ep_pen = ds["penalties"][bounds[:, 0]]
+    ep_pen = ds["penalties"][bounds[:, 0]].astype(np.float64)
+    penalties = sorted(set(ep_pen.tolist()))
     per_goal = {}
     for u in range(spec.n_users):
         ret_u = np.add.reduceat(ds["rewards"][:, u].astype(np.float64), bounds[:, 0])
         mine = ep_goal == u
-        per_goal[str(u)] = {
+        entry = {
             "goal": spec.user_goals[u].tolist(),
             "return_own_episodes": _summary(ret_u[mine]),
             "cost_own_episodes": _summary(ep_cost[mine]),
-            "return_own_episodes_penalty0": _summary(ret_u[mine & (ep_pen == 0)]),
-            "return_own_episodes_penalty10": _summary(ret_u[mine & (ep_pen > 0)]),
-            "cost_own_episodes_penalty0": _summary(ep_cost[mine & (ep_pen == 0)]),
-            "cost_own_episodes_penalty10": _summary(ep_cost[mine & (ep_pen > 0)]),
-            "return_all_episodes_relabelled": _summary(ret_u),
         }
+        for lam in penalties:
+            entry[f"return_own_episodes_{penalty_key(lam)}"] = _summary(ret_u[mine & (ep_pen == lam)])
+        for lam in penalties:
+            entry[f"cost_own_episodes_{penalty_key(lam)}"] = _summary(ep_cost[mine & (ep_pen == lam)])
+        entry["return_all_episodes_relabelled"] = _summary(ret_u)
+        per_goal[str(u)] = entry
     return {
         "task": spec.name,
         "env_id": spec.env_id,
@@ -316,12 +347,7 @@ def dataset_statistics(ds: Dataset, segment_length: int = 64) -> dict[str, Any]:
         "any_cost_segment_fraction": float(np.mean(seg_cost > 0)) if len(starts) else float("nan"),
         "step_cost_rate": float(ds["costs"].mean()),
         "episode_cost": _summary(ep_cost),
+        "penalties": penalties,
         "per_goal": per_goal,
-        "command": ds.meta.get("command"),
-        "created_utc": ds.meta.get("created_utc"),
-        "machine": ds.meta.get("machine"),
-        "build_seconds": ds.meta.get("build_seconds"),
-        "scale": ds.meta.get("scale"),
-        "seed": ds.meta.get("seed"),
-        "format": ds.meta.get("format"),
+        **{k: ds.meta.get(k) for k in BUILD_RECORD_KEYS},
     }

@@ -1,8 +1,8 @@
 """Fast-gait search for the velocity tasks whose speed limits SAC does not reach at `small` scale.
 
 Why: at the `small` budget the goal-conditioned SAC of ``control.data`` learns no gait for
-Ant and Swimmer (their 64-step segments were ~0.2% unsafe), so the data held almost no
-unsafe behaviour. This module finds fast, goal-directed gaits by the cross-entropy method
+Ant and Swimmer that crosses their speed limits, so the data held almost no unsafe behaviour
+(the measured fractions and their commands: ``docs/control.md``, "The `small` build"). This module finds fast, goal-directed gaits by the cross-entropy method
 (CEM; Rubinstein, 1999) over a small closed-loop central-pattern-generator (CPG) controller,
 evaluated only by real simulator rollouts; every evaluation rollout is kept as data.
 
@@ -20,14 +20,24 @@ CEM objective for user goal g with penalty lambda: mean over the rollout of
 speed limit; lambda = 10: fast but within the limit; lambda = -10: cost-seeking, moving along
 g while breaking the limit as often as it can), with early termination (Ant falling
 over) charged as zero progress for the remaining steps.
+
+Rollouts go through ``control.collection.BatchCollector`` (search rollouts ``source`` 2,
+best-gait rollouts ``source`` 3), so they are dataset episodes like the SAC data.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from control import tool_command
+from control.collection import BatchCollector
+from control.tasks import get_spec
+from llm_safepref.core.cli import ToolParser
+from llm_safepref.core.provenance import run_record
 
 __all__ = ["GaitConfig", "heading", "cpg_actions", "n_gait_params", "search_gaits"]
 
@@ -97,13 +107,11 @@ def search_gaits(task: str, cfg: GaitConfig, n_envs: int, seed: int, rng: np.ran
     Episodes are ``BatchCollector`` episode dicts: search rollouts have ``source`` 2 and noise 0;
     rollouts of each best gait (full task horizon, Gaussian action noise) have ``source`` 3.
     """
-    from control.data import BatchCollector
-
     log = log or (lambda s: None)
     col = BatchCollector(task, n_envs, seed + 2, cfg.horizon)
     spec = col.spec
-    act_dim = col.envs[0].action_space.shape[0]
-    dt = float(col.envs[0]._env.dt)
+    act_dim = col.act_dim
+    dt = col.dt
     dim = n_gait_params(act_dim)
     best: dict[tuple[int, float], np.ndarray] = {}
     summary: dict[str, dict] = {}
@@ -114,12 +122,9 @@ def search_gaits(task: str, cfg: GaitConfig, n_envs: int, seed: int, rng: np.ran
         episode_of: list[dict | None] = [None] * len(plan)
         for start in range(0, len(plan), n_envs):
             chunk = list(range(start, min(start + n_envs, len(plan))))
-            collector.done[:] = True
+            collector.begin_batch([plan[k] for k in chunk])
             acc = np.zeros(n_envs)
             vsum = np.zeros((n_envs, 2))  # summed planar velocity (goal-free swim objective)
-            for i, k in enumerate(chunk):
-                collector._begin(i, lambda _i, c=plan[k]: c)
-                collector.done[i] = False
             p = np.zeros((n_envs, dim))
             p[:len(chunk)] = params[chunk]
             goals = np.zeros((n_envs, 2))
@@ -132,7 +137,7 @@ def search_gaits(task: str, cfg: GaitConfig, n_envs: int, seed: int, rng: np.ran
                 lam[i], sd[i, 0] = plan[k][1], noise[k]
             theta = np.arctan2(goals[:, 1], goals[:, 0])
             while not collector.done.all():
-                a = cpg_actions(p, collector._t.astype(float), heading(task, collector.obs), theta, dt)
+                a = cpg_actions(p, collector.timesteps.astype(float), heading(task, collector.obs), theta, dt)
                 a = np.clip(a + sd * rng.standard_normal(a.shape), -1, 1)
                 active = ~collector.done
                 n0 = len(collector.episodes)
@@ -202,26 +207,23 @@ def search_gaits(task: str, cfg: GaitConfig, n_envs: int, seed: int, rng: np.ran
 
 
 def main(argv=None) -> int:
-    """Probe: ``python -m control.gaits --task ant_vel --goals 0 ...`` prints what the gait search reaches."""
-    import argparse
-    import json
+    """Probe: ``python -m control.gaits --task ant_vel --goals 0 ...`` prints what the gait search reaches.
 
-    from control.tasks import get_spec
-
-    p = argparse.ArgumentParser(prog="python -m control.gaits", description=main.__doc__)
-    p.add_argument("--task", required=True, choices=["ant_vel", "swimmer_vel"])
+    Output: JSON lines, the run record first, then one line per (rollout kind, condition).
+    """
+    p = ToolParser(prog="python -m control.gaits", description=main.__doc__)
+    p.add_argument("--task", required=True, choices=["ant_vel", "swimmer_vel"], help="velocity task")
     p.add_argument("--goals", type=int, nargs="+", default=None, help="user goal ids (default: all)")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--population", type=int, default=16)
-    p.add_argument("--elites", type=int, default=4)
-    p.add_argument("--horizon", type=int, default=400)
-    p.add_argument("--penalties", type=float, nargs="+", default=[0.0])
-    p.add_argument("--final-horizon", type=int, default=1000)
-    p.add_argument("--n-envs", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=20, help="CEM iterations per (goal, lambda)")
+    p.add_argument("--population", type=int, default=16, help="candidate gaits per iteration")
+    p.add_argument("--elites", type=int, default=4, help="candidates that refit the CEM Gaussian")
+    p.add_argument("--horizon", type=int, default=400, help="steps of each search rollout")
+    p.add_argument("--penalties", type=float, nargs="+", default=[0.0], help="lambda of the objectives")
+    p.add_argument("--final_horizon", type=int, default=1000, help="steps of the best gaits' rollouts")
+    p.add_argument("--n_envs", type=int, default=4, help="envs stepped in lockstep")
+    p.add_argument("--seed", type=int, default=0, help="search seed")
     args = p.parse_args(argv)
-    import control  # noqa: F401  (safety-gymnasium shim)
-
+    print(json.dumps({"run_record": run_record(command=tool_command("control.gaits", argv))}))
     spec = get_spec(args.task)
     cfg = GaitConfig(iters=args.iters, population=args.population, elites=args.elites, horizon=args.horizon,
                      penalties=tuple(args.penalties), noise_levels=(0.0,))

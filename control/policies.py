@@ -1,5 +1,5 @@
 """Policies for control/: a small goal- and penalty-conditioned SAC for behaviour data, and
-the per-segment log-prob helpers that feed ``llm_safepref.losses``.
+the per-segment log-prob helpers that feed ``llm_safepref.core.losses`` (via ``control.objectives``).
 
 Design decisions:
 - Behaviour data must contain safe *and* unsafe motion for every user goal. One SAC agent
@@ -9,9 +9,11 @@ Design decisions:
   ``r = reward(features, goal) - lambda * cost``. lambda = 0 learns fast, unsafe skills;
   lambda = 10 (the crowd's shared penalty) learns the safe ones.
 - Everything is small and CPU-friendly (2 x 256 MLP, one torch thread in long jobs).
-- ``segment_logps`` returns ``S(sigma) = sum_t log pi(a_t | s_t)`` of shape (B,), the
-  quantity every loss in ``llm_safepref.losses`` consumes; the unit-variance form is the
-  CPL convention (``-||mu(s) - a||^2`` up to a constant).
+- ``policy_segment_logps`` returns ``S(sigma) = sum_t log pi(a_t | s_t)`` of shape (B,) for
+  a batch of segments (``control.feedback.gather_segments``), the quantity every loss in
+  ``llm_safepref.core.losses`` consumes; ``gaussian_segment_logps`` is the diagonal-Gaussian
+  sum, ``unit_variance_segment_logps`` the CPL convention (``-||mu(s) - a||^2``: twice the
+  unit-variance Gaussian log-density, up to a constant).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ __all__ = [
     "SAC",
     "gaussian_segment_logps",
     "unit_variance_segment_logps",
+    "policy_segment_logps",
     "PENALTIES",
 ]
 
@@ -73,6 +77,35 @@ def unit_variance_segment_logps(mean: torch.Tensor, actions: torch.Tensor) -> to
     if mean.shape != actions.shape or mean.dim() != 3:
         raise ValueError(f"expected equal (B, T, A) shapes, got {tuple(mean.shape)} and {tuple(actions.shape)}")
     return -(mean - actions).pow(2).sum(dim=(1, 2))
+
+
+def policy_segment_logps(
+    policy: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    segments: Mapping[str, np.ndarray | torch.Tensor],
+    *,
+    log_std: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``S(sigma)`` of a batch of segments under a policy, (B,).
+
+    ``segments``: ``observations`` (B, L, obs_dim) and ``actions`` (B, L, A) (what
+    ``control.feedback.gather_segments`` returns). ``policy(obs) -> mean`` (B, L, A), or
+    ``-> (mean, log_std)`` for a Gaussian head. The sum is diagonal-Gaussian with the policy's
+    ``log_std`` (else the ``log_std`` given here); with neither it is the unit-variance CPL
+    score. Gradients flow to the policy's parameters.
+    """
+    obs = torch.as_tensor(segments["observations"], dtype=dtype, device=device)
+    actions = torch.as_tensor(segments["actions"], dtype=dtype, device=device)
+    if obs.dim() != 3 or actions.dim() != 3 or obs.shape[:2] != actions.shape[:2]:
+        raise ValueError(f"segments need observations (B, L, obs_dim) and actions (B, L, A) of the same B, L; "
+                         f"got {tuple(obs.shape)} and {tuple(actions.shape)}")
+    out = policy(obs)
+    mean, head_log_std = out if isinstance(out, tuple) else (out, None)
+    log_std = head_log_std if head_log_std is not None else log_std
+    if log_std is None:
+        return unit_variance_segment_logps(mean, actions)
+    return gaussian_segment_logps(mean, torch.as_tensor(log_std, dtype=mean.dtype, device=mean.device), actions)
 
 
 # --------------------------------------------------------------------------- SAC

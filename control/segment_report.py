@@ -1,25 +1,29 @@
 """Unsafe 64-step segments of a built dataset per user goal, lambda and data source.
 
-``python -m control.segment_report --task swimmer_vel --scale small --seed 0`` prints JSON:
-for every (goal id, lambda, source) and for every goal id, the number of non-overlapping
-segments inside episodes and how many are unsafe (segment cost > kappa * L / T, the same
-rule as ``results/control_data_<scale>.json``'s ``unsafe_segment_fraction``). Goal id -1 is
-goal-free data (the gait pre-search).
+``python -m control.segment_report --task swimmer_vel --scale small --seed 0 [--out F.json]``
+prints (and with ``--out`` writes) JSON: the run record of ``llm_safepref.core.provenance``
+and, for every (goal id, lambda, source) and for every goal id, the number of non-overlapping
+segments inside episodes and how many are unsafe (segment cost > kappa * L / T,
+``control.feedback.segment_cost_threshold``, the same rule as ``python -m control stats``'s
+``unsafe_segment_fraction``). Goal id -1 is goal-free data (the gait pre-search).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 
-import numpy as np
+from control import tool_command
+from control.data import dataset_path, load_dataset
+from control.feedback import segment_cost_threshold
+from llm_safepref.core.cli import ToolParser
+from llm_safepref.core.provenance import redact, run_record, write_json
 
-__all__ = ["unsafe_segments_by_condition"]
+__all__ = ["unsafe_segments_by_condition", "main"]
 
 
 def unsafe_segments_by_condition(ds, segment_length: int = 64) -> dict:
     """{"by_condition": {"goal{u}_lambda{l}_source{s}": [unsafe, total]}, "by_goal": {u: [unsafe, total, frac]}}."""
-    thr = ds.spec.cost_threshold * segment_length / ds.meta["max_episode_steps"]
+    thr = segment_cost_threshold(ds, segment_length)
     cond: dict[str, list[int]] = {}
     goal: dict[str, list] = {}
     for s, e in ds.episode_bounds().tolist():
@@ -37,17 +41,23 @@ def unsafe_segments_by_condition(ds, segment_length: int = 64) -> dict:
 
 
 def main(argv=None) -> int:
-    from control.data import dataset_path, load_dataset
-
-    p = argparse.ArgumentParser(prog="python -m control.segment_report", description=__doc__)
-    p.add_argument("--task", required=True)
-    p.add_argument("--scale", default="small")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--segment-length", type=int, default=64)
+    p = ToolParser(prog="python -m control.segment_report", description=__doc__)
+    p.add_argument("--task", required=True, help="task name")
+    p.add_argument("--scale", default="small", help="data scale")
+    p.add_argument("--seed", type=int, default=0, help="build seed")
+    p.add_argument("--data_dir", default=None, help="dataset folder (default <cache root>/control_data)")
+    p.add_argument("--segment_length", type=int, default=64, help="steps per segment")
+    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     ds = load_dataset(dataset_path(args.task, args.scale, args.seed, args.data_dir))
-    print(json.dumps(unsafe_segments_by_condition(ds, args.segment_length), indent=1))
+    report = {
+        **run_record(command=tool_command("control.segment_report", argv), task=args.task, scale=args.scale,
+                     seed=args.seed, segment_length=args.segment_length),
+        **unsafe_segments_by_condition(ds, args.segment_length),
+    }
+    print(json.dumps(redact(report), indent=1))
+    if args.out:
+        write_json(args.out, report)
     return 0
 
 

@@ -311,6 +311,20 @@ class ControlTask(gym.Env):
         self._seeded = seed is not None
         self._pos = np.zeros(2)
 
+    # -- the simulator
+    @property
+    def simulator(self):
+        """The unwrapped simulator env (Bullet builder or safety-gymnasium task), e.g. to set its state."""
+        return self._env
+
+    @property
+    def dt(self) -> float:
+        """Simulated seconds per step (the simulator's own ``dt``)."""
+        dt = getattr(self._env, "dt", None)
+        if dt is None:
+            raise AttributeError(f"{self.task.name}: the {self.task.backend} simulator reports no time step")
+        return float(dt)
+
     # -- goals
     @property
     def goal(self) -> np.ndarray:

@@ -72,13 +72,13 @@ def test_simulator_state_gives_the_cost():
     # Put the Ball outside Run's corridor / Circle's boundary in the real simulator.
     env = make_task("run", seed=0)
     env.reset()
-    env._env.agent.set_position(np.array([0.0, 1.5, 0.5]))
+    env.simulator.agent.set_position(np.array([0.0, 1.5, 0.5]))
     _, _, _, _, info = env.step(np.zeros(2))
     assert info["cost"] == 1.0 and abs(info["features"]["y1"]) > 1.0
     env.close()
     env = make_task("circle", seed=0)
     env.reset()
-    env._env.agent.set_position(np.array([6.5, 0.0, 0.5]))
+    env.simulator.agent.set_position(np.array([6.5, 0.0, 0.5]))
     _, _, _, _, info = env.step(np.zeros(2))
     assert info["cost"] == 1.0 and info["env_cost"] == 1.0  # agrees with Bullet's own cost
     env.close()
@@ -138,9 +138,9 @@ def test_swimmer_tip_velocity_jitters_but_centre_of_mass_does_not():
     rng = np.random.default_rng(0)
     tip, com = [], []
     for _ in range(200):
-        before = env._env.data.qpos[0:2].copy()  # front tip, as safety-gymnasium measures it
+        before = env.simulator.data.qpos[0:2].copy()  # front tip, as safety-gymnasium measures it
         _, _, _, _, info = env.step(rng.uniform(-1, 1, 2))
-        tip.append(np.linalg.norm(env._env.data.qpos[0:2] - before) / env._env.dt)
+        tip.append(np.linalg.norm(env.simulator.data.qpos[0:2] - before) / env.simulator.dt)
         com.append(np.hypot(info["features"]["vx"], info["features"]["vy"]))
     env.close()
     assert np.mean(np.array(tip) > 0.2282) > 0.5
