@@ -1,76 +1,223 @@
-"""The recipes: embedded defaults == YAML configs, argument parsing, and end-to-end runs on
-the tiny model (evaluation skipped), in one process and in two gloo CPU processes."""
+"""The recipes: one source of defaults, argument parsing, ``--eval_benchmark``, a model without a
+chat template, ``--help``, and end-to-end runs on the tiny model, in one process and in two gloo
+CPU processes, including a new user's run on their own PKU-SafeRLHF file with no benchmark built."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.fixtures.pairs import write_pairs
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+PKU_SAMPLE = REPO / "tests" / "fixtures" / "pku_saferlhf_sample.jsonl"
+NAMES = ("presa_lora", "dpo", "kto")
 
 
 def _module(name: str):
-    sys.path.insert(0, str(RECIPES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(RECIPES))
+    """recipes/<name>.py as a module (no sys.path edit: it imports only the installed package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _common():
-    """recipes/_recipe_common.py, imported as the recipes import it."""
-    sys.path.insert(0, str(RECIPES))
-    try:
-        return importlib.import_module("_recipe_common")
-    finally:
-        sys.path.remove(str(RECIPES))
+def _parse(name: str, argv: list[str]):
+    from llm_safepref.recipes import RecipeRun
+
+    run = RecipeRun.parse(_module(name).RECIPE, argv)
+    return run.script_args, run.training_args, run.model_args
 
 
-@pytest.mark.parametrize("name, config", [("presa_lora", "presa_lora"), ("dpo", "dpo"), ("kto", "kto")])
-def test_yaml_config_mirrors_embedded_defaults(name, config):
-    defaults = _module(name).DEFAULTS
-    with open(RECIPES / "configs" / f"{config}.yaml") as f:
-        assert yaml.safe_load(f) == defaults
+# ----------------------------------------------------------------------------- defaults and flags
+
+
+def test_recipes_hold_no_defaults_and_edit_no_sys_path():
+    """The defaults exist once (the package's YAML files); the scripts import the package as installed."""
+    for name in NAMES:
+        text = (RECIPES / f"{name}.py").read_text()
+        assert "sys.path" not in text and "DEFAULTS" not in text, name
+        assert "run_recipe(RECIPE, argv)" in text, name
+    assert not (RECIPES / "_recipe_common.py").exists() and not (RECIPES / "configs").exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_file_is_what_the_parser_returns(name):
+    """Every key of llm_safepref/recipes/configs/<name>.yaml is the parsed value with no argument."""
+    from llm_safepref.recipes import config_path, load_defaults
+
+    assert _module(name).RECIPE.defaults == name
+    defaults = load_defaults(name)
+    assert defaults == yaml.safe_load(config_path(name).read_text()) and len(defaults) > 20
+    parsed = _parse(name, [])
+    for key, value in defaults.items():
+        holder = next(a for a in parsed if hasattr(a, key))
+        got = getattr(holder, key)
+        if key == "report_to":
+            got = got if isinstance(got, str) else got[0] if got else "none"
+        assert got == value, (name, key, got, value)
 
 
 def test_presa_recipe_parses_with_no_arguments():
-    from trl import ModelConfig
+    from llm_safepref.recipes import load_defaults
 
-    from llm_safepref.presa_config import PresaConfig
-
-    recipe = _module("presa_lora")
-    common = _common()
-    script, train, model = common.parse_args((common.RecipeArguments, PresaConfig, ModelConfig), recipe.DEFAULTS, [])
+    script, train, model = _parse("presa_lora", [])
     assert script.dataset_name == "embedded" and model.model_name_or_path == "embedded" and model.use_peft
-    assert train.pref_loss == "cpl" and train.safety_delta == recipe.DEFAULTS["safety_delta"]
+    assert train.pref_loss == "cpl" and train.safety_delta == load_defaults("presa_lora")["safety_delta"]
     assert train.bf16 is False and train.gradient_checkpointing is False and not train.push_to_hub
-    # The command line overrides the embedded defaults.
-    _, train2, _ = common.parse_args((common.RecipeArguments, PresaConfig, ModelConfig), recipe.DEFAULTS,
-                                     ["--safety_delta", "0.9", "--pref_loss", "dpo", "--safety_ref_point", "kto"])
+    assert script.eval_benchmark == "auto" and not script.skip_eval
+    # The command line overrides the defaults.
+    _, train2, _ = _parse("presa_lora", ["--safety_delta", "0.9", "--pref_loss", "dpo", "--safety_ref_point", "kto"])
     assert train2.safety_delta == 0.9 and train2.pref_loss == "dpo" and train2.safety_ref_point_value == "kto"
+
+
+def test_config_file_then_flags_override_the_defaults(tmp_path):
+    """defaults < --config (only the keys it names) < flags; kebab-case and --config=PATH accepted."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("safety_delta: 0.75\nmax_steps: 7\neval_benchmark: none\n")
+    script, train, _ = _parse("presa_lora", ["--config", str(config)])
+    assert (train.safety_delta, train.max_steps, script.eval_benchmark) == (0.75, 7, "none")
+    assert train.nu_lr == 0.5 and train.learning_rate == 1.5e-4  # untouched keys keep the defaults
+    script, train, _ = _parse("presa_lora", [f"--config={config}", "--max-steps", "9", "--eval-benchmark", "auto"])
+    assert (train.safety_delta, train.max_steps, script.eval_benchmark) == (0.75, 9, "auto")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("safety_detla: 0.7\n")
+    with pytest.raises(ValueError, match="safety_detla"):
+        _parse("presa_lora", ["--config", str(bad)])
+
+
+def test_dpo_and_kto_defaults_state_their_precision(tmp_path):
+    """TRL's DPOConfig / KTOConfig default to bf16=True; the recipes' defaults set it off (as PRESA on a CPU)."""
+    from trl import DPOConfig, KTOConfig
+
+    for config_class in (DPOConfig, KTOConfig):
+        assert config_class(output_dir=str(tmp_path), use_cpu=True, report_to="none").bf16 is True
+    for name in ("dpo", "kto"):
+        _, train, _ = _parse(name, [])
+        assert train.bf16 is False, name
+        text = (REPO / "llm_safepref" / "recipes" / "configs" / f"{name}.yaml").read_text()
+        assert "TRL's default is bf16: true" in text
+
+
+def test_defaults_tool_lists_and_prints():
+    out = subprocess.run([sys.executable, "-m", "llm_safepref.recipes"], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, check=True).stdout
+    assert [line.split()[0] for line in out.splitlines()] == sorted(NAMES)
+    from llm_safepref.recipes import config_path
+
+    shown = subprocess.run([sys.executable, "-m", "llm_safepref.recipes", "kto"], capture_output=True, text=True,
+                           timeout=60, cwd=REPO, check=True).stdout
+    assert shown == config_path("kto").read_text()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_answers_help(name):
+    proc = subprocess.run([sys.executable, str(RECIPES / f"{name}.py"), "--help"], env=_env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_line = (RECIPES / f"{name}.py").read_text().split('"""')[1].splitlines()[0]
+    assert first_line in proc.stdout
+    assert "--eval_benchmark" in proc.stdout and "--skip_eval" in proc.stdout and "--config my.yaml" in proc.stdout
+    assert f"llm_safepref/recipes/configs/{name}.yaml" in proc.stdout.replace("\n", "")
+
+
+# ----------------------------------------------------------------------------- --eval_benchmark
+
+
+def _script_args(**kwargs):
+    from llm_safepref.recipes import RecipeArguments
+
+    return RecipeArguments(**kwargs)
+
+
+def test_eval_benchmark_resolution_without_a_build(tmp_path, monkeypatch):
+    from llm_safepref.recipes import RecipeError, resolve_eval_benchmark
+
+    monkeypatch.setenv("LLM_SAFEPREF_BENCHMARK_DIR", str(tmp_path / "no_benchmark"))
+    # Own data under auto: no evaluation, and one message that says how to turn it on.
+    plan = resolve_eval_benchmark(_script_args(dataset_name=str(PKU_SAMPLE)))
+    assert plan.benchmark is None
+    assert str(PKU_SAMPLE) in plan.message and "--eval_benchmark embedded" in plan.message
+    assert "python -m llm_safepref.data build" in plan.message and "--eval_benchmark PATH" in plan.message
+    # none, and --skip_eval as its alias (whatever --eval_benchmark says).
+    assert resolve_eval_benchmark(_script_args(eval_benchmark="none")).benchmark is None
+    plan = resolve_eval_benchmark(_script_args(eval_benchmark="embedded", skip_eval=True))
+    assert plan.benchmark is None and plan.message is None
+    # Asked for but not there: an error before anything runs, saying how to build it.
+    for kwargs in ({"eval_benchmark": "embedded", "dataset_name": str(PKU_SAMPLE)}, {"dataset_name": "embedded"}):
+        with pytest.raises(RecipeError, match=r"not built.*python -m llm_safepref.data build"):
+            resolve_eval_benchmark(_script_args(**kwargs))
+    with pytest.raises(RecipeError, match="no such folder"):
+        resolve_eval_benchmark(_script_args(eval_benchmark=str(tmp_path / "nowhere")))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(RecipeError, match="not a built benchmark folder"):
+        resolve_eval_benchmark(_script_args(eval_benchmark=str(tmp_path / "half")))
+
+
+def test_missing_benchmark_is_refused_before_training(tiny_model_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_SAFEPREF_BENCHMARK_DIR", str(tmp_path / "no_benchmark"))
+    out = tmp_path / "run"
+    code = _module("dpo").main(["--model_name_or_path", str(tiny_model_path), "--dataset_name", str(PKU_SAMPLE),
+                                "--output_dir", str(out), "--eval_benchmark", "embedded", "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --eval_benchmark embedded") and "Traceback" not in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+def _tiny_without_chat_template(tiny_model_path, folder: Path) -> Path:
+    shutil.copytree(tiny_model_path, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).chat_template is None
+    return folder
+
+
+def test_model_without_chat_template_is_a_clear_error(tiny_model_path, tmp_path, capsys):
+    model = _tiny_without_chat_template(tiny_model_path, tmp_path / "plain")
+    out = tmp_path / "run"
+    code = _module("presa_lora").main(["--model_name_or_path", str(model), "--dataset_name", str(PKU_SAMPLE),
+                                       "--output_dir", str(out), "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"the tokenizer of {model} has no chat template" in err and "--conversational true" in err
+    assert "Pass --conversational false" in err and "a model whose tokenizer has a chat template" in err
+    assert not out.exists()  # refused before anything trained or was written
+
+
+def test_model_without_chat_template_trains_on_plain_text(tiny_model_path, tmp_path):
+    model = _tiny_without_chat_template(tiny_model_path, tmp_path / "plain")
+    out = tmp_path / "run"
+    proc = _run([sys.executable, str(RECIPES / "presa_lora.py"), "--model_name_or_path", str(model),
+                 "--dataset_name", str(PKU_SAMPLE), "--output_dir", str(out), "--max_steps", "1",
+                 "--conversational", "false", "--eval_benchmark", "none", "--use_cpu", "true"])
+    assert "presa run finished: 1 steps" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
 
 
 def _recipe_args(model, data, out, batch) -> list[str]:
@@ -82,8 +229,8 @@ def _recipe_args(model, data, out, batch) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def _run(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -93,6 +240,7 @@ def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     proc = _run([sys.executable, str(RECIPES / "presa_lora.py"), *_recipe_args(tiny_model_path, data, out, 4)])
     assert "presa run finished: 3 steps" in proc.stdout
+    assert "Safety evaluation skipped" not in proc.stdout  # --skip_eval: asked for, so no message
     for name in ("adapter_config.json", "adapter_model.safetensors", "lagrange.json", "run_metrics.json", "README.md"):
         assert (out / name).is_file(), name
     assert (out / "checkpoint-2" / "lagrange.json").is_file()
@@ -101,10 +249,58 @@ def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
     assert metrics["global_step"] == 3 and len(metrics["nu_trajectory"]) == 3
     assert metrics["nu_trajectory"][-1][1] == pytest.approx(nu["value"])
     assert metrics["command"].startswith("python ") and metrics["date"] and metrics["machine"]
+    # The run record of llm_safepref.core.provenance.
+    from llm_safepref.core.provenance import lock_hash
+
+    assert metrics["lock_sha256"] == lock_hash() and metrics["versions"]["trl"] == "1.16.0"
+    assert metrics["git_revision"] and metrics["eval_benchmark"] is None and metrics["before"] is None
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), out)  # loads
+
+
+@pytest.mark.parametrize("name, method", [("presa_lora", "presa"), ("dpo", "dpo"), ("kto", "kto")])
+def test_new_user_own_data_trains_without_a_benchmark(name, method, tiny_model_path, tmp_path):
+    """A PKU-SafeRLHF file, a local model, nothing built: trains, saves, says how to evaluate."""
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    env = _env(LLM_SAFEPREF_CACHE=str(empty), LLM_SAFEPREF_BENCHMARK_DIR=str(empty / "benchmark"))
+    out = tmp_path / "D"
+    proc = _run([sys.executable, str(RECIPES / f"{name}.py"), "--model_name_or_path", str(tiny_model_path),
+                 "--dataset_name", str(PKU_SAMPLE), "--output_dir", str(out), "--max_steps", "2"], env=env)
+    both = proc.stdout + proc.stderr
+    assert both.count("Safety evaluation skipped") == 1, both[-3000:]
+    assert "--eval_benchmark embedded" in both and "python -m llm_safepref.data build" in both
+    assert f"{method} run finished: 2 steps" in proc.stdout
+    for file in ("adapter_config.json", "adapter_model.safetensors", "run_metrics.json", "README.md"):
+        assert (out / file).is_file(), file
+    metrics = json.loads((out / "run_metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["before"] is None and metrics["after"] is None
+    assert metrics["dataset"] == str(PKU_SAMPLE) and metrics["eval_benchmark"] is None
+    assert list(empty.iterdir()) == []  # nothing was built or converted on the way
+
+
+@pytest.mark.slow
+def test_recipe_evaluates_on_a_benchmark_folder(tiny_model_path, tmp_path):
+    """--eval_benchmark PATH: the base and the trained adapter are evaluated on that build."""
+    from tests.fixtures.small_benchmark import small_benchmark
+
+    bench = small_benchmark(tiny_model_path)
+    out = tmp_path / "run"
+    proc = _run([sys.executable, str(RECIPES / "dpo.py"), "--model_name_or_path", str(tiny_model_path),
+                 "--dataset_name", str(PKU_SAMPLE), "--output_dir", str(out), "--max_steps", "2",
+                 "--eval_benchmark", str(bench), "--eval_limit", "6", "--eval_max_new_tokens", "8",
+                 "--eval_limit_per_category", "4"], timeout=600)
+    assert "Safety evaluation skipped" not in proc.stdout + proc.stderr
+    metrics = json.loads((out / "run_metrics.json").read_text())
+    assert metrics["eval_benchmark"] == str(bench)
+    for side in ("before", "after"):
+        assert metrics[side]["n_prompts"] == 6 and metrics[side]["generation"]["max_new_tokens"] == 8, side
+    assert metrics["after"]["adapter"] == str(out)
+    table = proc.stdout.split("dpo run finished: 2 steps", 1)[1]
+    assert "harmful_compliance_rate" in table and "\nbase " in table and "\ndpo " in table
+    assert "| base |" in (out / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -132,8 +328,8 @@ def test_pku_saferlhf_schema_file_trains_without_flags(tiny_model_path, tmp_path
 
     from llm_safepref.presa_config import PresaConfig
     from llm_safepref.presa_trainer import PresaTrainer
+    from llm_safepref.recipes import RecipeArguments, load_train_dataset
 
-    common = _common()
     path = tmp_path / "pku.jsonl"
     with open(path, "w") as f:
         for i in range(8):
@@ -145,8 +341,8 @@ def test_pku_saferlhf_schema_file_trains_without_flags(tiny_model_path, tmp_path
                 "better_response_id": i % 2, "safer_response_id": 0,
             }) + "\n")
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    script = common.RecipeArguments(dataset_name=str(path), conversational=True)
-    ds = common.load_train_dataset(script, tokenizer=tok, max_length=128)
+    script = RecipeArguments(dataset_name=str(path), conversational=True)
+    ds = load_train_dataset(script, tokenizer=tok, max_length=128)
     assert ds[1]["chosen_is_safe"] is False and ds[0]["chosen_is_safe"] is True  # better = 1 is the unsafe one
     args = PresaConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, report_to="none",
                        save_strategy="no", max_length=128, dataloader_pin_memory=False)

@@ -1,0 +1,114 @@
+"""Which benchmark a recipe evaluates on (``--eval_benchmark``), and the evaluation itself.
+
+Design decisions:
+
+* ``auto`` (the default) evaluates where the benchmark matches the training data: the
+  embedded data on the embedded benchmark (so ``make train`` prints its before/after table),
+  a built benchmark folder given as ``--dataset_name`` on that folder. Any other dataset
+  (a Hub id, a JSONL file of one's own) trains without the safety evaluation, and the run
+  says so once, with the two ways to turn it on; the embedded benchmark never has to be
+  built to train on one's own data.
+* ``embedded`` / a path are checked before anything trains: a benchmark that is not built
+  is an error at the start of the run, not after an hour of training.
+* ``none`` (and its alias ``--skip_eval``) skips.
+* The evaluation runs on the main process only; the other processes wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EvalPlan", "RecipeError", "resolve_eval_benchmark", "run_evaluation", "SKIP_MESSAGE"]
+
+
+class RecipeError(ValueError):
+    """A recipe cannot run as configured; the message says what is wrong and how to fix it."""
+
+
+#: Printed once when ``auto`` skips the safety evaluation of a dataset that is not the benchmark.
+SKIP_MESSAGE = (
+    "Safety evaluation skipped: --dataset_name {dataset} is not the embedded benchmark, so the run has no "
+    "matching evaluation set (--eval_benchmark auto). To evaluate before and after training, pass "
+    "--eval_benchmark embedded (after building it once with `python -m llm_safepref.data build`), or "
+    "--eval_benchmark PATH to a built benchmark folder."
+)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """``benchmark``: what ``llm_safepref.eval.evaluate`` receives (``"embedded"`` or a folder), or None."""
+
+    benchmark: str | None
+    reason: str  # one line for the metrics file: why this benchmark (or none)
+    message: str | None = None  # printed once at the start of the run (auto skipping)
+
+
+def _is_built_folder(path: str) -> bool:
+    from llm_safepref.data.build import is_built
+
+    return Path(path).is_dir() and is_built(path)
+
+
+def resolve_eval_benchmark(script_args) -> EvalPlan:
+    """Turn ``--eval_benchmark`` (+ ``--skip_eval``, ``--dataset_name``) into a checked plan.
+
+    Raises:
+        RecipeError: ``embedded`` while the embedded benchmark is not built, or a path that is
+            not a built benchmark folder.
+    """
+    choice = str(script_args.eval_benchmark or "auto").strip()
+    dataset = str(script_args.dataset_name)
+    if script_args.skip_eval or choice.lower() == "none":
+        return EvalPlan(None, "--eval_benchmark none" + (" (--skip_eval)" if script_args.skip_eval else ""))
+    if choice.lower() == "auto":
+        if dataset == "embedded":
+            choice = "embedded"
+        elif _is_built_folder(dataset):
+            return EvalPlan(dataset, f"auto: --dataset_name is the built benchmark folder {dataset}")
+        else:
+            return EvalPlan(None, "auto: the training data is not a benchmark",
+                            message=SKIP_MESSAGE.format(dataset=dataset))
+    if choice.lower() == "embedded":
+        _check_split("embedded", script_args.eval_split, "--eval_benchmark embedded")
+        return EvalPlan("embedded", "the embedded benchmark")
+    if not Path(choice).exists():
+        raise RecipeError(f"--eval_benchmark {choice}: no such folder; expected 'auto', 'embedded', 'none' or the "
+                          "path of a built benchmark folder (python -m llm_safepref.data build --out PATH)")
+    if not _is_built_folder(choice):
+        raise RecipeError(f"--eval_benchmark {choice}: not a built benchmark folder (no completed build there; "
+                          "build one with `python -m llm_safepref.data build --out PATH`)")
+    _check_split(choice, script_args.eval_split, f"--eval_benchmark {choice}")
+    return EvalPlan(choice, f"the benchmark folder {choice}")
+
+
+def _check_split(benchmark: str, split: str, flag: str) -> None:
+    """The benchmark is built and has evaluation prompts for ``split`` (read now, before training)."""
+    from llm_safepref.data.adapters import load_eval_prompts
+
+    try:
+        n = len(load_eval_prompts(benchmark, split))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise RecipeError(f"{flag} (split {split!r}): {err}; or pass --eval_benchmark none to train without "
+                          "the safety evaluation") from None
+    if n == 0:
+        raise RecipeError(f"{flag}: the {split!r} split has no evaluation prompts")
+
+
+def run_evaluation(plan: EvalPlan, script_args, model_name_or_path: str, adapter: str | None = None,
+                   seed: int = 0) -> dict | None:
+    """The benchmark rates of a model (+ adapter) on the main process; None when the plan skips."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    result = None
+    if plan.benchmark is not None and state.is_main_process:
+        from llm_safepref.eval import evaluate
+
+        result = evaluate(
+            model_name_or_path, adapter=adapter, split=script_args.eval_split, limit=script_args.eval_limit,
+            limit_per_category=script_args.eval_limit_per_category, benchmark=plan.benchmark,
+            max_new_tokens=script_args.eval_max_new_tokens, batch_size=script_args.eval_batch_size, seed=seed,
+        )
+    state.wait_for_everyone()
+    return result
