@@ -1,0 +1,62 @@
+"""One folder per training method, each on the shared base (the layout PEFT uses for its tuners).
+
+======== =============================================== ======================== =================
+method   folder                                          config / trainer         recipe, docs
+======== =============================================== ======================== =================
+base     ``llm_safepref/methods/base/``                  LabelledPreferenceConfig  ``docs/methods_layout.md``
+                                                         / LabelledPreferenceTrainer
+presa    ``llm_safepref/methods/presa/``                 PresaConfig / PresaTrainer ``recipes/presa_lora.py``, ``docs/presa.md``
+======== =============================================== ======================== =================
+
+A new method goes in ``llm_safepref/methods/<name>/`` with ``config.py`` (a
+``LabelledPreferenceConfig`` subclass) and ``trainer.py`` (a ``LabelledPreferenceTrainer``
+subclass), is listed in :data:`METHODS`, and gets a recipe in ``recipes/`` and a page in
+``docs/`` (``docs/methods_layout.md``). Importing this package loads no trainer:
+:func:`get_method` imports one on request.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+__all__ = ["METHODS", "Method", "get_method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """Where a method lives: ``"module:Class"`` of its config and of its trainer."""
+
+    name: str
+    config: str
+    trainer: str
+    summary: str
+
+    def load(self) -> tuple[type, type]:
+        """``(ConfigClass, TrainerClass)``, imported now."""
+        return _load(self.config), _load(self.trainer)
+
+
+def _load(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+#: Every method with a trainer, by name.
+METHODS: dict[str, Method] = {
+    "presa": Method(
+        name="presa",
+        config="llm_safepref.methods.presa.config:PresaConfig",
+        trainer="llm_safepref.methods.presa.trainer:PresaTrainer",
+        summary="PRESA: CPL/DPO preferences + a Lagrangian constraint on per-response safety labels",
+    ),
+}
+
+
+def get_method(name: str) -> tuple[type, type]:
+    """``(ConfigClass, TrainerClass)`` of a method; ``ValueError`` listing the valid names."""
+    try:
+        method = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; valid names: {', '.join(sorted(METHODS))}") from None
+    return method.load()
