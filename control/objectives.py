@@ -16,8 +16,10 @@ Design decisions (equations in ``docs/methods.md``):
   moves once per optimiser step on the mean safety probability (:meth:`update_multiplier`).
   Its ``state_dict`` is the multiplier's, the same dict as in a token-level checkpoint.
 - :class:`PresaControlConfig` spells its fields as ``PresaConfig`` does (``pref_loss``,
-  ``cpl_alpha``, ``cpl_bias``, ``cpl_reference``, ``beta``, ``safety_beta``, ``safety_delta``,
-  ``nu_init``, ``nu_lr``, ``nu_max``) and has its defaults, so both runs read alike.
+  ``cpl_alpha``, ``cpl_bias``, ``cpl_reference``, ``beta``, ``safety_beta``, ``safety_ref_point``,
+  ``safety_delta``, ``nu_init``, ``nu_lr``, ``nu_max``) and has its defaults, so both runs read
+  alike. Token-level-only options (the ``kto`` batch reference point, class weights of the
+  safety mean) are not offered here.
 - Safe-CPL's latent users (``llm_safepref.core.latent``): a context set of a user's segment
   pairs is encoded by ``PairSetEncoder`` into ``q(z | context)``; :func:`sample_user_latent`
   draws ``z`` with ``reparameterize`` from an explicit generator; stage 1 is CPL on
@@ -60,6 +62,8 @@ class PresaControlConfig:
     cpl_reference: bool = field(default=True, metadata={"help": "CPL on reference-adjusted sums S - S_ref."})
     beta: float = field(default=0.1, metadata={"help": "DPO's beta (pref_loss='dpo')."})
     safety_beta: float = field(default=0.1, metadata={"help": "Scale of the safety utility beta (S - S_ref)."})
+    safety_ref_point: float = field(default=0.0, metadata={"help": "Reference point z of the safety utility (utility "
+                                                                   "units; 0 = PresaConfig's unset default)."})
     safety_delta: float = field(default=0.7, metadata={"help": "Constraint level: E[p(y | sigma)] >= delta."})
     nu_init: float = field(default=1.0, metadata={"help": "Initial Lagrange multiplier nu."})
     nu_lr: float = field(default=0.5, metadata={"help": "Step size of nu's projected ascent."})
@@ -110,7 +114,8 @@ class PresaSegmentObjective:
         is_safe = torch.cat([torch.as_tensor(np.asarray(chosen_is_safe)), torch.as_tensor(np.asarray(rejected_is_safe))])
         if is_safe.shape != logps.shape:
             raise ValueError(f"safety labels of shape {tuple(is_safe.shape)} for {tuple(logps.shape)} segments")
-        p = safety_prob(logps, ref_logps, is_safe.to(logps.device), beta=self.cfg.safety_beta)
+        p = safety_prob(logps, ref_logps, is_safe.to(logps.device), beta=self.cfg.safety_beta,
+                        ref_point=self.cfg.safety_ref_point)
         loss = presa_lagrangian(pref, p, self.multiplier.value, self.multiplier.delta)
         return PresaTerms(loss, pref, p)
 

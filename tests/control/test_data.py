@@ -86,3 +86,49 @@ def test_build_is_deterministic_for_a_seed():
     for k in a.arrays:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert not np.array_equal(a["observations"], c["observations"])
+
+
+def test_default_data_dir_is_the_core_cache_root(monkeypatch, tmp_path):
+    from control.data import default_data_dir
+    from llm_safepref.core.paths import cache_root
+
+    monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "explicit"))
+    assert default_data_dir() == tmp_path / "explicit" / "control_data"
+    # Without the variable, XDG_CACHE_HOME is honoured (as by the rest of the toolkit).
+    monkeypatch.delenv("LLM_SAFEPREF_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "xdg" / "llm_safepref" / "control_data" == cache_root() / "control_data"
+    assert dataset_path("run", "smoke", 2) == tmp_path / "xdg" / "llm_safepref" / "control_data" / "run__smoke__seed2.npz"
+
+
+def test_build_metadata_is_the_core_run_record(smoke_dataset, control_data_dir):
+    from llm_safepref.core.provenance import machine_description
+
+    ds = smoke_dataset("run")
+    for key in ("command", "git_revision", "versions", "lock_sha256", "machine", "date"):
+        assert key in ds.meta, key
+    assert ds.meta["machine"] == machine_description()
+    assert ds.meta["versions"]["torch"] == __import__("torch").__version__
+    on_disk = json.loads(dataset_path("run", "smoke", 0, control_data_dir).with_suffix(".json").read_text())
+    assert on_disk["git_revision"] == ds.meta["git_revision"] and on_disk["command"] == "pytest"
+
+
+def test_batch_collector_begins_a_batch_and_leaves_the_rest_idle():
+    from control.collection import BatchCollector
+
+    col = BatchCollector("run", n_envs=3, seed=0, horizon=4)
+    try:
+        assert (col.obs_dim, col.act_dim) == (7, 2) and col.dt > 0
+        col.begin_batch([(0, -10.0, 0.3), (1, 10.0, 0.0)])
+        assert col.done.tolist() == [False, False, True]
+        while not col.done.all():
+            assert (col.timesteps[:2] < 4).all()
+            col.step(np.zeros((3, 2)), None, source=2, continue_=False, active=~col.done)
+        assert [len(e["actions"]) for e in col.episodes] == [4, 4]
+        assert [(int(e["goal_ids"][0]), float(e["penalties"][0]), float(e["noise"][0])) for e in col.episodes] == \
+            [(0, -10.0, np.float32(0.3)), (1, 10.0, 0.0)]
+        assert all(e["timeouts"][-1] and (e["source"] == 2).all() for e in col.episodes)
+        with pytest.raises(ValueError, match="4 conditions for 3 envs"):
+            col.begin_batch([(0, 0.0, 0.0)] * 4)
+    finally:
+        col.close()

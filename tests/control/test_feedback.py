@@ -91,3 +91,34 @@ def test_dataset_statistics(smoke_dataset):
     assert set(st["per_goal"]) == {"0", "1"}
     assert st["per_goal"]["0"]["return_own_episodes"]["n"] >= 1
     assert st["command"] == "pytest"
+    # SAC's lambdas 0 and 10 (the unmodified smoke data): the names the results files use.
+    assert st["penalties"] == [0.0, 10.0]
+    assert {"return_own_episodes_penalty0", "return_own_episodes_penalty10"} <= set(st["per_goal"]["0"])
+
+
+def test_dataset_statistics_bins_every_lambda_including_cost_seeking(smoke_dataset):
+    from control.data import Dataset
+
+    ds = smoke_dataset("circle")
+    arrays = {k: v.copy() for k, v in ds.arrays.items()}
+    b = ds.episode_bounds()
+    goal = ds["goal_ids"][b[:, 0]]
+    # Two goal-0 episodes become lambda = -10 episodes (the gait search's cost-seeking policy).
+    picked = np.flatnonzero(goal == 0)[:2]
+    assert len(picked) == 2
+    for e in picked:
+        arrays["penalties"][b[e, 0]:b[e, 1]] = -10.0
+    st = dataset_statistics(Dataset(arrays, dict(ds.meta)), segment_length=64)
+    assert st["penalties"] == [-10.0, 0.0, 10.0]
+    g0 = st["per_goal"]["0"]
+    hand = [float(ds["rewards"][b[e, 0]:b[e, 1], 0].astype(np.float64).sum()) for e in picked]
+    assert g0["return_own_episodes_penalty-10"]["n"] == 2
+    assert g0["return_own_episodes_penalty-10"]["mean"] == pytest.approx(np.mean(hand), rel=1e-9)
+    hand_cost = [float(ds["costs"][b[e, 0]:b[e, 1]].sum()) for e in picked]
+    assert g0["cost_own_episodes_penalty-10"]["mean"] == pytest.approx(np.mean(hand_cost), abs=1e-9)
+    assert st["per_goal"]["1"]["return_own_episodes_penalty-10"] == {"n": 0}
+    # Every goal-directed episode of a goal is in exactly one lambda bin.
+    for u, entry in st["per_goal"].items():
+        for kind in ("return", "cost"):
+            binned = sum(entry[f"{kind}_own_episodes_penalty{lam:g}"]["n"] for lam in st["penalties"])
+            assert binned == entry[f"{kind}_own_episodes"]["n"] == int((goal == int(u)).sum()), (u, kind)

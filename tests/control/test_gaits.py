@@ -83,3 +83,19 @@ def test_segment_report_agrees_with_dataset_statistics(smoke_dataset):
     assert unsafe / total == pytest.approx(stats["unsafe_segment_fraction"])
     # The smoke build holds SAC data (sources 0, 1) and gait-search data (2, 3).
     assert {k.rsplit("source", 1)[1] for k in rep["by_condition"]} == {"0", "1", "2", "3"}
+
+
+def test_segment_report_cli_writes_the_run_record(smoke_dataset, control_data_dir, tmp_path, capsys):
+    import json
+
+    from control.segment_report import main, unsafe_segments_by_condition
+
+    ds = smoke_dataset("swimmer_vel")
+    out = tmp_path / "report.json"
+    assert main(["--task", "swimmer_vel", "--scale", "smoke", "--data-dir", str(control_data_dir),
+                 "--segment_length", "16", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == written
+    assert {"command", "git_revision", "versions", "lock_sha256", "machine", "date"} <= set(written)
+    assert written["command"].startswith("python -m control.segment_report --task swimmer_vel")
+    assert written["by_goal"] == json.loads(json.dumps(unsafe_segments_by_condition(ds, 16)))["by_goal"]
