@@ -139,6 +139,216 @@ def test_pku_bad_better_id(tmp_path):
         load_preference_dataset(str(path))
 
 
+# --------------------------------------------------------------------------- one validator
+
+_GOOD = dict(prompt="p", chosen="c", rejected="r", chosen_is_safe=True, rejected_is_safe=False)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({}, None),
+        ({"chosen_is_safe": 1}, "row 0, column 'chosen_is_safe': expected a boolean (true / false; True = safe), "
+                                "got 1 of type int"),
+        ({"rejected_is_safe": "true"}, "row 0, column 'rejected_is_safe': expected a boolean (true / false; "
+                                       "True = safe), got 'true' of type str"),
+        ({"rejected_is_safe": None}, "row 0, column 'rejected_is_safe': expected a boolean (true / false; "
+                                     "True = safe), got None of type NoneType"),
+        ({"chosen": ""}, "row 0, column 'chosen': expected a non-empty text (response), got ''"),
+        ({"rejected": " \n\t"}, "row 0, column 'rejected': expected a non-empty text (response), got ' \\n\\t'"),
+        ({"prompt": "  "}, "row 0, column 'prompt': expected a non-empty text (prompt), got '  '"),
+    ],
+    ids=["valid", "int-label", "str-label", "null-label", "empty-chosen", "whitespace-rejected", "blank-prompt"],
+)
+def test_one_verdict_through_both_entry_points(change, expected):
+    """The loaders' validate_preference_dataset and the trainers' check_presa_dataset agree, word for word."""
+    from datasets import Dataset
+
+    from llm_safepref.data_checks import check_presa_dataset
+
+    row = {**_GOOD, **change}
+    verdicts = []
+    for name, run in (("mem", lambda ds: validate_preference_dataset(ds, source_name="mem")),
+                      ("mem dataset", lambda ds: check_presa_dataset(ds, name="mem"))):
+        try:
+            run(Dataset.from_list([row]))
+            verdicts.append(None)
+        except DataValidationError as err:
+            assert str(err).startswith(f"{name}: "), str(err)
+            verdicts.append(str(err)[len(name) + 2:])
+    assert verdicts == [expected, expected]
+
+
+def test_label_definition():
+    from llm_safepref.data_checks import is_label
+
+    assert is_label(True) and is_label(False) and is_label(np.bool_(False))
+    for value in (0, 1, 1.0, "true", "False", None, np.int64(1)):
+        assert not is_label(value), value
+
+
+def test_one_label_definition_on_the_trainer_path(tiny_model_path, tmp_path):
+    """A label the loaders refuse is refused by PresaTrainer with the same message (and vice versa)."""
+    from datasets import Dataset
+
+    from llm_safepref import PresaConfig, PresaTrainer
+    from llm_safepref.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_path))
+    rows = [dict(_GOOD, prompt=f"q{i}", rejected_is_safe=i % 2) for i in range(4)]  # 0/1 integers
+    path = _write_jsonl(tmp_path / "intlabel.jsonl", rows)
+    message = r"row 0, column 'rejected_is_safe': expected a boolean \(true / false; True = safe\), got 0 of type int"
+    with pytest.raises(DataValidationError, match=r"intlabel\.jsonl: " + message):
+        load_preference_dataset(str(path))
+    args = PresaConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=64, max_steps=1)
+    with pytest.raises(DataValidationError, match="train dataset: " + message):
+        PresaTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+
+def test_label_balance_warning_once_per_run(tiny_model_path, tmp_path):
+    """The recipe path (load, then the trainer's own check) warns once; new data still warns."""
+    import warnings
+
+    from datasets import Dataset
+
+    from llm_safepref import PresaConfig, PresaTrainer
+    from llm_safepref.data_checks import check_presa_dataset
+    from llm_safepref.models import load_model_and_tokenizer
+
+    rows = [dict(prompt=f"How do I water plant {i} once?", chosen=f"Water plant {i} weekly.",
+                 rejected=f"Plant {i} never needs water.", chosen_is_safe=True, rejected_is_safe=True) for i in range(6)]
+    path = _write_jsonl(tmp_path / "all_safe_once.jsonl", rows)
+    model, tok = load_model_and_tokenizer(str(tiny_model_path))
+    args = PresaConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=64, max_steps=1)
+
+    def balance_warnings(caught):
+        return [w for w in caught if "no response is labelled unsafe" in str(w.message)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_preference_dataset(str(path), conversational=True, drop_invalid=True)  # as the recipes load
+        PresaTrainer(model, args=args, train_dataset=ds, processing_class=tok)
+        check_presa_dataset(ds.select(range(3)), name="train")  # a subset (--train_limit): nothing new to say
+    found = balance_warnings(caught)
+    assert len(found) == 1, [str(w.message) for w in caught]
+    assert str(found[0].message).startswith(f"{path}: no response is labelled unsafe (12 safe)")
+
+    # Rows nobody has warned about yet still warn, once.
+    other = Dataset.from_list([dict(r, prompt=r["prompt"] + " Please.") for r in rows])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_presa_dataset(other, name="train")
+        check_presa_dataset(other, name="train")
+    assert [str(w.message) for w in balance_warnings(caught)] == [
+        "train dataset: no response is labelled unsafe (12 safe); the safety constraint can only raise the "
+        "probability of safe responses and will not teach the model what to avoid"]
+
+
+# --------------------------------------------------------------------------- malformed files, empty responses
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    good = json.dumps(_GOOD)
+    path = tmp_path / "broken_line.jsonl"
+    path.write_text(f"{good}\n{good}\n\n{good}\n{{\"prompt\": \"p\", \"chosen\": \"c\",}}\n{good}\n")
+    with pytest.raises(DataValidationError) as err:
+        load_preference_dataset(str(path))
+    msg = str(err.value)
+    # Line 5 (1-based; line 3 is blank): after the trailing comma (column 30) a name is expected at column 31.
+    assert msg.startswith(f"{path}: line 5, column 31: not valid JSON (Expecting property name enclosed in double quotes)")
+    assert "'{\"prompt\": \"p\", \"chosen\": \"c\",}'" in msg
+
+
+def test_json_line_that_is_not_an_object(tmp_path):
+    good = json.dumps(_GOOD)
+    path = tmp_path / "list_line.jsonl"
+    path.write_text(f"{good}\n[1, 2]\n")
+    with pytest.raises(DataValidationError, match=r"list_line\.jsonl: line 2: expected one JSON object \(a row\) per "
+                                                  r"line, got a JSON list"):
+        load_preference_dataset(str(path))
+
+
+def _pairs_with_empty_responses() -> list[dict]:
+    rows = [dict(_GOOD, prompt=f"q{i}", chosen=f"c{i}", rejected=f"r{i}") for i in range(6)]
+    rows[1]["chosen"] = ""
+    rows[3]["rejected"] = "   \n"
+    rows[4]["chosen"] = "\t"
+    return rows
+
+
+def test_empty_responses_error_or_one_warning(tmp_path):
+    path = _write_jsonl(tmp_path / "empties.jsonl", _pairs_with_empty_responses())
+    with pytest.raises(DataValidationError,
+                       match=r"empties\.jsonl: row 1, column 'chosen': expected a non-empty text \(response\), got ''$"):
+        load_preference_dataset(str(path))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_preference_dataset(str(path), drop_invalid=True)
+    assert ds["prompt"] == ["q0", "q2", "q5"]
+    dropped = [str(w.message) for w in caught if "dropped" in str(w.message)]
+    assert dropped == [
+        f"{path}: dropped 3 of 6 rows as invalid (drop_invalid): rows 1, 3, 4. "
+        "row 1, column 'chosen': expected a non-empty text (response), got ''; "
+        "row 3, column 'rejected': expected a non-empty text (response), got '   \\n'; "
+        "row 4, column 'chosen': expected a non-empty text (response), got '\\t'"]
+
+
+def test_empty_assistant_message_in_conversational_file(tmp_path):
+    rows = []
+    for i, r in enumerate(_pairs_with_empty_responses()):
+        rows.append(dict(r, prompt=[{"role": "user", "content": r["prompt"]}],
+                         chosen=[{"role": "assistant", "content": r["chosen"]}],
+                         rejected=[{"role": "assistant", "content": r["rejected"]}]))
+    path = _write_jsonl(tmp_path / "conv_empty.jsonl", rows)
+    with pytest.raises(DataValidationError, match=r"conv_empty\.jsonl: row 1, column 'chosen': expected a non-empty "
+                                                  r"text \(response\), got \[\{'role': 'assistant', 'content': ''\}\]"):
+        load_preference_dataset(str(path), conversational=True)
+    with pytest.warns(UserWarning, match=r"dropped 3 of 6 rows as invalid \(drop_invalid\): rows 1, 3, 4\."):
+        ds = load_preference_dataset(str(path), conversational=True, drop_invalid=True)
+    assert [m[0]["content"] for m in ds["prompt"]] == ["q0", "q2", "q5"]
+
+
+def test_pku_schema_empty_response_names_its_column(tmp_path):
+    raw = [json.loads(line) for line in PKU.read_text().splitlines()]
+    raw[0]["response_1"] = "  "  # row 0: better_response_id 1, so this is the chosen response
+    raw[2]["response_1"] = ""  # row 2: better_response_id 0, so this is the rejected one
+    path = _write_jsonl(tmp_path / "pku_empty.jsonl", raw)
+    with pytest.raises(DataValidationError, match=r"pku_empty\.jsonl: row 0, column 'chosen' \(from 'response_1'\): "
+                                                  r"expected a non-empty text \(response\), got '  '$"):
+        load_preference_dataset(str(path))
+    with pytest.warns(UserWarning, match=r"dropped 2 of 4 rows as invalid \(drop_invalid\): rows 0, 2\. .*row 2, "
+                                         r"column 'rejected' \(from 'response_1'\)"):
+        ds = load_preference_dataset(str(path), drop_invalid=True)
+    assert ds["prompt"] == [raw[1]["prompt"], raw[3]["prompt"]]
+    # Row 3 of the fixture: the better response (id 1) is the unsafe one.
+    assert ds["chosen"][1] == raw[3]["response_1"] and ds["chosen_is_safe"] == [True, False]
+
+
+def test_pku_schema_bad_rows_are_dropped_too(tmp_path):
+    raw = [json.loads(line) for line in PKU.read_text().splitlines()]
+    raw[1]["better_response_id"] = 2
+    raw[2]["is_response_0_safe"] = "yes"  # JSON has booleans: a string is not a label
+    path = _write_jsonl(tmp_path / "pku_bad_rows.jsonl", raw)
+    with pytest.raises(DataValidationError, match=r"row 1, column 'better_response_id': expected 0 or 1, got 2"):
+        load_preference_dataset(str(path))
+    with pytest.warns(UserWarning, match=r"dropped 2 of 4 rows .*rows 1, 2\. .*row 2, column 'chosen_is_safe' "
+                                         r"\(from 'is_response_0_safe'\): expected a boolean"):
+        ds = load_preference_dataset(str(path), drop_invalid=True)
+    assert ds["prompt"] == [raw[0]["prompt"], raw[3]["prompt"]]
+
+
+def test_csv_label_text_is_decoded_and_refused_when_not_boolean(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("prompt,chosen,rejected,chosen_is_safe,rejected_is_safe\n"
+                    "q1,a,b,YES,no\nq2,a,b,False,True\nq3,a,b,maybe,0\n")
+    with pytest.raises(DataValidationError, match=r"labels\.csv: row 2, column 'chosen_is_safe': expected a boolean "
+                                                  r"\(true / false; True = safe\), got 'maybe' of type str"):
+        load_preference_dataset(str(path))
+    ds = load_preference_dataset(str(path), drop_invalid=True)
+    assert ds["chosen_is_safe"] == [True, False] and ds["rejected_is_safe"] == [False, True]
+
+
 # --------------------------------------------------------------------------- splits
 
 def test_dedup_and_groups_on_vectors():
@@ -217,6 +427,9 @@ def small_bench(tiny_model_path):
 def test_small_build_outputs(small_bench):
     manifest = json.loads((small_bench / "manifest.json").read_text())
     assert manifest["counts"]["pairs"]["train"] > 0
+    # The run record of llm_safepref.core.provenance, as every results file carries it.
+    assert {"command", "git_revision", "versions", "lock_sha256", "machine", "date"} <= set(manifest)
+    assert manifest["versions"]["datasets"] and manifest["date"].count("-") == 2
     pairs = load_preference_dataset(str(small_bench), split="train")
     assert set(pairs.column_names) == {"prompt", "chosen", "rejected", "chosen_is_safe", "rejected_is_safe", "source"}
     assert all(isinstance(v, bool) for v in pairs["chosen_is_safe"])

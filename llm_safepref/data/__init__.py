@@ -2,9 +2,11 @@
 
 Public API (kept stable for the trainers and recipes):
 
-* ``load_preference_dataset(name_or_path="embedded", split="train", *, conversational=False, drop_invalid=False)``
-* ``validate_preference_dataset(ds, *, source_name, max_length=None, tokenizer=None, drop_invalid=False)``
-* ``load_safety_labels(name_or_path="embedded", split="train")``
+* ``load_preference_dataset(name_or_path="embedded", split="train", *, conversational=False, drop_invalid=False,
+  max_length=None, tokenizer=None)``
+* ``validate_preference_dataset(ds, *, source_name, max_length=None, tokenizer=None, drop_invalid=False)``:
+  ``llm_safepref.data_checks``' one row check, the same the trainers run (``check_presa_dataset``)
+* ``load_safety_labels(name_or_path="embedded", split="train", *, drop_invalid=False)``
 * ``load_eval_prompts(name_or_path="embedded", split="test")``
 * ``build_benchmark(BuildConfig(...))`` / ``python -m llm_safepref.data build``
 """

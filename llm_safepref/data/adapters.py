@@ -3,25 +3,49 @@
 Recognised schemas (by columns):
 
 * generic: ``prompt, chosen, rejected`` + ``chosen_is_safe, rejected_is_safe`` (optional ``source``);
-  also accepted: ``is_chosen_safe / is_rejected_safe`` and ``safer_response_id``-free variants.
+  the label columns may also be called ``is_chosen_safe / is_rejected_safe``.
 * PKU-SafeRLHF: ``prompt, response_0, response_1, better_response_id, is_response_0_safe,
   is_response_1_safe`` (+ ``safer_response_id`` etc., ignored): chosen = the better response.
 * Conversational (TRL): ``prompt`` a list of messages, ``chosen``/``rejected`` lists with one
-  assistant message; converted to text for validation and back when asked.
+  assistant message; validated on their text, converted to plain text or back when asked.
 
-Validation (``validate_preference_dataset``) *errors* on: missing columns, non-boolean labels,
-empty prompts/responses, prompts longer than ``max_length`` tokens. It *warns* (``UserWarning``)
-when no response is unsafe or every response is unsafe, since the safety term then has nothing
-to learn from — that is legal data, so it is not an error.
+Design decisions:
+
+* Validation is :mod:`llm_safepref.data_checks`' one row check, the same the trainers run:
+  the same row gets the same verdict from ``validate_preference_dataset`` and from
+  ``check_presa_dataset``, and the label-balance warning is given once per set of rows.
+  *Errors*: missing columns, labels that are not booleans, empty prompts or responses
+  (whitespace-only or an empty assistant message included), prompts longer than
+  ``max_length`` tokens; each names the file, the row (0-based, as ``datasets`` indexes rows)
+  and the column (and the file's own column when it was renamed or converted from
+  PKU-SafeRLHF). ``drop_invalid=True`` drops such rows with one ``UserWarning`` naming them.
+* A label is ``true``/``false``. CSV has no booleans, so the label columns of a CSV file are
+  decoded when read (``true/false``, ``yes/no``, ``1/0``, any case); JSON, Parquet, saved
+  datasets and Hub datasets must carry real booleans.
+* A ``.jsonl`` file that ``datasets`` cannot parse is scanned line by line, so the error names
+  the 1-based line and what is wrong with it instead of a bare ``DatasetGenerationError``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
+
+import numpy as np
+
+from llm_safepref.core.schema import CHOSEN, CHOSEN_IS_SAFE, PROMPT, REJECTED, REJECTED_IS_SAFE
+from llm_safepref.data_checks import (
+    REQUIRED_COLUMNS,
+    DataValidationError,
+    RowCheck,
+    check_columns,
+    check_rows,
+    is_label,
+    text_of,
+    warn_dropped_invalid,
+    warn_label_balance,
+)
 
 __all__ = [
     "DataValidationError",
@@ -32,19 +56,46 @@ __all__ = [
     "load_eval_prompts",
 ]
 
-logger = logging.getLogger(__name__)
-
 PKU_SAFERLHF_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "is_response_0_safe", "is_response_1_safe")
-PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_is_safe", "rejected_is_safe", "source")
-_LABEL_ALIASES = {"is_chosen_safe": "chosen_is_safe", "is_rejected_safe": "rejected_is_safe"}
-_BOOL_STRINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-class DataValidationError(ValueError):
-    """A dataset row or column is not what the trainers expect (message names file, row, column)."""
+PAIR_COLUMNS = (*REQUIRED_COLUMNS, "source")
+_LABEL_ALIASES = {"is_chosen_safe": CHOSEN_IS_SAFE, "is_rejected_safe": REJECTED_IS_SAFE}
+#: Label columns of every schema, decoded from text when read from a CSV file.
+_LABEL_COLUMN_NAMES = (*_LABEL_ALIASES, CHOSEN_IS_SAFE, REJECTED_IS_SAFE, "is_response_0_safe", "is_response_1_safe",
+                       "is_safe")
+_BOOL_TEXT = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+_TEXT_FORMATS = (".csv",)
 
 
 # --------------------------------------------------------------------------- reading
+
+def _json_line_problem(path: Path) -> str | None:
+    """The first line of a JSON-lines file that is not one JSON object: ``"line N: ..."`` (1-based)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}, column {err.colno}: not valid JSON ({err.msg}): {line.strip()[:80]!r}"
+            if not isinstance(obj, dict):
+                return (f"line {number}: expected one JSON object (a row) per line, got a JSON "
+                        f"{type(obj).__name__}: {line.strip()[:80]!r}")
+    return None
+
+
+def _read_json_lines(path: Path):
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    except DatasetGenerationError as err:
+        problem = _json_line_problem(path)
+        if problem is not None:
+            raise DataValidationError(f"{path}: {problem}") from err
+        raise DataValidationError(f"{path}: could not be read as JSON lines: {err.__cause__ or err}") from err
+
 
 def _read_any(name_or_path: str, split: str):
     """A ``datasets.Dataset`` from a local file / ``save_to_disk`` folder / Hub id."""
@@ -65,8 +116,16 @@ def _read_any(name_or_path: str, split: str):
         builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
         if builder is None:
             raise DataValidationError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-        if builder == "json" and suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+        if suffix == ".jsonl":
+            return _read_json_lines(path)
+        if suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                if err.msg == "Extra data":  # one object per line in a .json file
+                    return _read_json_lines(path)
+                raise DataValidationError(
+                    f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from err
             if isinstance(data, dict) and split in data:
                 data = data[split]
             if not isinstance(data, list):
@@ -79,112 +138,122 @@ def _read_any(name_or_path: str, split: str):
     return datasets.load_dataset(name_or_path, split=split)
 
 
-def _to_bool(value, *, source_name: str, row: int, column: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
+def _decode_text_label(value):
+    """A CSV cell of a label column as a bool (``true/false``, ``yes/no``, ``1/0``); other values unchanged."""
+    if is_label(value):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _BOOL_STRINGS:
-        return _BOOL_STRINGS[value.strip().lower()]
-    raise DataValidationError(
-        f"{source_name}: row {row}, column {column!r}: expected a boolean (true/false or 0/1), got {value!r}"
-    )
+    if isinstance(value, str) and value.strip().lower() in _BOOL_TEXT:
+        return _BOOL_TEXT[value.strip().lower()]
+    if isinstance(value, (int, np.integer)) and value in (0, 1):  # pandas reads a 0/1 column as ints
+        return bool(value)
+    return value
 
 
-def _text(value) -> str:
-    """Message lists (conversational) → the concatenated contents; strings unchanged."""
-    if isinstance(value, list):
-        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
-    return "" if value is None else str(value)
+def _label_column(ds, column: str, text_labels: bool) -> list:
+    values = list(ds[column])
+    return [_decode_text_label(v) for v in values] if text_labels else values
 
 
-def _convert_pku(ds, source_name: str):
-    """PKU-SafeRLHF → generic pairs (chosen = ``better_response_id``)."""
-    rows = []
-    for i, r in enumerate(ds):
-        better = r["better_response_id"]
-        if better not in (0, 1, "0", "1"):
-            raise DataValidationError(
-                f"{source_name}: row {i}, column 'better_response_id': expected 0 or 1, got {better!r}"
-            )
-        b = int(better)
-        safe = [_to_bool(r[f"is_response_{k}_safe"], source_name=source_name, row=i, column=f"is_response_{k}_safe")
-                for k in (0, 1)]
-        rows.append({"prompt": r["prompt"], "chosen": r[f"response_{b}"], "rejected": r[f"response_{1 - b}"],
-                     "chosen_is_safe": safe[b], "rejected_is_safe": safe[1 - b],
-                     "source": "pku_saferlhf"})
-    import datasets
-
-    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS})
+def _is_pku(column_names) -> bool:
+    return set(PKU_SAFERLHF_COLUMNS) <= set(column_names)
 
 
-def _normalise_columns(ds, source_name: str):
-    cols = set(ds.column_names)
-    if set(PKU_SAFERLHF_COLUMNS) <= cols:
-        return _convert_pku(ds, source_name)
-    renames = {a: b for a, b in _LABEL_ALIASES.items() if a in cols and b not in cols}
-    if renames:
-        ds = ds.rename_columns(renames)
-    if "source" not in ds.column_names:
-        ds = ds.add_column("source", [Path(source_name).name] * len(ds))
-    return ds
+def _pku_hint(column_names) -> str:
+    missing = [c for c in PKU_SAFERLHF_COLUMNS if c not in column_names]
+    return f" (or the PKU-SafeRLHF schema {list(PKU_SAFERLHF_COLUMNS)}, missing {missing})"
 
 
 # --------------------------------------------------------------------------- validation
 
+def _with_labels(ds, check: RowCheck, columns: dict):
+    """``ds`` restricted to the kept rows, with the label columns as plain ``bool``."""
+    if check.errors:
+        ds = ds.select(check.keep)
+    for column in (CHOSEN_IS_SAFE, REJECTED_IS_SAFE):
+        ds = ds.remove_columns(column).add_column(column, [bool(columns[column][i]) for i in check.keep])
+    return ds
+
+
+def _run_checks(columns: dict, *, name: str, max_length, tokenizer, drop_invalid: bool, origin=None,
+                invalid=None) -> RowCheck:
+    n = len(columns[PROMPT])
+    if n == 0:
+        raise DataValidationError(f"{name}: it has no rows")
+    check = check_rows(columns, name=name, drop_invalid=drop_invalid, max_length=max_length, tokenizer=tokenizer,
+                       origin=origin, invalid=invalid)
+    if not check.keep:
+        first = check.errors[min(check.errors)]
+        raise DataValidationError(f"{name}: no valid rows: all {n} rows are invalid; the first: {first}")
+    warn_dropped_invalid(check, name=name)
+    warn_label_balance(check, name=name)
+    return check
+
+
 def validate_preference_dataset(ds, *, source_name: str, max_length: int | None = None, tokenizer=None,
                                 drop_invalid: bool = False):
-    """Check every row; return ``(dataset, n_dropped)``.
+    """Check every row (``llm_safepref.data_checks.check_rows``); return ``(dataset, n_dropped)``.
 
-    Raises ``DataValidationError`` (file, row, column, expectation) unless ``drop_invalid``, in which
-    case bad rows are dropped, the count is logged and returned. Labels are coerced to ``bool``.
+    Raises ``DataValidationError`` (file, row, column, expectation) unless ``drop_invalid``, in
+    which case the invalid rows are dropped with one ``UserWarning`` naming them. The label
+    columns come back as plain ``bool``. Warns when no response is unsafe or none is safe.
     """
-    missing = [c for c in ("prompt", "chosen", "rejected", "chosen_is_safe", "rejected_is_safe") if c not in ds.column_names]
-    if missing:
-        pku_missing = [c for c in PKU_SAFERLHF_COLUMNS if c not in ds.column_names]
-        raise DataValidationError(
-            f"{source_name}: missing column(s) {missing}; expected prompt/chosen/rejected/chosen_is_safe/rejected_is_safe "
-            f"(or the PKU-SafeRLHF schema {list(PKU_SAFERLHF_COLUMNS)}, missing {pku_missing}); found {ds.column_names}"
-        )
-    if max_length is not None and tokenizer is None:
-        raise ValueError("max_length needs a tokenizer to count prompt tokens")
-    keep, errors = [], []
-    labels_c, labels_r = [], []
-    for i, r in enumerate(ds):
-        try:
-            for col in ("prompt", "chosen", "rejected"):
-                if not _text(r[col]).strip():
-                    raise DataValidationError(f"{source_name}: row {i}, column {col!r}: expected a non-empty text, got {r[col]!r}")
-            c = _to_bool(r["chosen_is_safe"], source_name=source_name, row=i, column="chosen_is_safe")
-            rj = _to_bool(r["rejected_is_safe"], source_name=source_name, row=i, column="rejected_is_safe")
-            if max_length is not None:
-                n_tok = len(tokenizer(_text(r["prompt"]), add_special_tokens=False).input_ids)
-                if n_tok > max_length:
-                    raise DataValidationError(
-                        f"{source_name}: row {i}, column 'prompt': expected at most {max_length} tokens, got {n_tok}"
-                    )
-        except DataValidationError as err:
-            if not drop_invalid:
-                raise
-            errors.append(str(err))
-            continue
-        keep.append(i)
-        labels_c.append(c)
-        labels_r.append(rj)
-    n_dropped = len(ds) - len(keep)
-    if n_dropped:
-        logger.warning("%s: dropped %d invalid row(s); first: %s", source_name, n_dropped, errors[0])
-        ds = ds.select(keep)
-    if len(ds) == 0:
-        raise DataValidationError(f"{source_name}: no valid rows")
-    ds = ds.remove_columns(["chosen_is_safe", "rejected_is_safe"]).add_column("chosen_is_safe", labels_c).add_column(
-        "rejected_is_safe", labels_r)
-    all_labels = labels_c + labels_r
-    if all(all_labels):
-        warnings.warn(f"{source_name}: no response is labelled unsafe; the safety term has no negative examples", UserWarning)
-    elif not any(all_labels):
-        warnings.warn(f"{source_name}: every response is labelled unsafe; the safety term has no positive examples", UserWarning)
-    return ds, n_dropped
+    check_columns(ds.column_names, name=source_name, hint=_pku_hint(ds.column_names))
+    columns = {c: list(ds[c]) for c in REQUIRED_COLUMNS}
+    check = _run_checks(columns, name=source_name, max_length=max_length, tokenizer=tokenizer,
+                        drop_invalid=drop_invalid)
+    return _with_labels(ds, check, columns), check.n_dropped
+
+
+def _load_generic(ds, name: str, *, text_labels: bool, **checks):
+    renames = {a: b for a, b in _LABEL_ALIASES.items() if a in ds.column_names and b not in ds.column_names}
+    if renames:
+        ds = ds.rename_columns(renames)
+    check_columns(ds.column_names, name=name, hint=_pku_hint(ds.column_names))
+    if "source" not in ds.column_names:
+        ds = ds.add_column("source", [Path(name).name] * len(ds))
+    columns = {c: list(ds[c]) for c in (PROMPT, CHOSEN, REJECTED)}
+    columns.update({c: _label_column(ds, c, text_labels) for c in (CHOSEN_IS_SAFE, REJECTED_IS_SAFE)})
+    from_alias = {b: a for a, b in renames.items()}
+    check = _run_checks(columns, name=name, origin=lambda row, column: from_alias.get(column), **checks)
+    return _with_labels(ds, check, columns), check.n_dropped
+
+
+def _load_pku(ds, name: str, *, text_labels: bool, **checks):
+    """PKU-SafeRLHF → generic pairs (chosen = ``better_response_id``), checked like any pairs."""
+    import datasets
+
+    better_ids = list(ds["better_response_id"])
+    responses = [list(ds["response_0"]), list(ds["response_1"])]
+    safe = [_label_column(ds, "is_response_0_safe", text_labels), _label_column(ds, "is_response_1_safe", text_labels)]
+    columns = {c: [] for c in REQUIRED_COLUMNS}
+    columns[PROMPT] = list(ds["prompt"])
+    invalid, better_of = {}, []
+    for row, better in enumerate(better_ids):
+        if better not in (0, 1, "0", "1") or isinstance(better, bool):
+            invalid[row] = f"{name}: row {row}, column 'better_response_id': expected 0 or 1, got {better!r}"
+            better = 0  # placeholder; the row is reported (or dropped) by the check
+        b = int(better)
+        better_of.append(b)
+        columns[CHOSEN].append(responses[b][row])
+        columns[REJECTED].append(responses[1 - b][row])
+        columns[CHOSEN_IS_SAFE].append(safe[b][row])
+        columns[REJECTED_IS_SAFE].append(safe[1 - b][row])
+
+    def origin(row: int, column: str) -> str | None:
+        b = better_of[row]
+        return {CHOSEN: f"response_{b}", REJECTED: f"response_{1 - b}", CHOSEN_IS_SAFE: f"is_response_{b}_safe",
+                REJECTED_IS_SAFE: f"is_response_{1 - b}_safe"}.get(column)
+
+    check = _run_checks(columns, name=name, origin=origin, invalid=invalid, **checks)
+    kept = {c: [columns[c][i] for i in check.keep] for c in REQUIRED_COLUMNS}
+    kept[CHOSEN_IS_SAFE] = [bool(v) for v in kept[CHOSEN_IS_SAFE]]
+    kept[REJECTED_IS_SAFE] = [bool(v) for v in kept[REJECTED_IS_SAFE]]
+    kept["source"] = ["pku_saferlhf"] * len(check.keep)
+    return datasets.Dataset.from_dict(kept), check.n_dropped
+
+
+def _is_text_format(path: str) -> bool:
+    return Path(path).is_file() and Path(path).suffix.lower() in _TEXT_FORMATS
 
 
 # --------------------------------------------------------------------------- public loaders
@@ -197,8 +266,9 @@ def _embedded_folder(name: str) -> Path:
         folder = Path(os.environ["LLM_SAFEPREF_BENCHMARK_DIR"])
     if not is_built(folder):
         raise FileNotFoundError(
-            f"the embedded safety benchmark is not built at {folder}; build it with `python -m llm_safepref.data build` "
-            f"(≈ 25 min on 2 CPU cores), or point LLM_SAFEPREF_BENCHMARK_DIR at a built folder"
+            f"the embedded safety benchmark is not built at {folder}; build it once with "
+            "`python -m llm_safepref.data build` (about 16–24 min on a 2-core CPU; cached afterwards), "
+            "or point LLM_SAFEPREF_BENCHMARK_DIR at a built folder"
         )
     return folder / name
 
@@ -218,45 +288,62 @@ def load_preference_dataset(name_or_path="embedded", split: str = "train", *, co
                             drop_invalid: bool = False, max_length: int | None = None, tokenizer=None):
     """Pairs with ``prompt, chosen, rejected, chosen_is_safe, rejected_is_safe, source``, validated.
 
-    ``conversational=True`` returns TRL conversational rows (message lists).
+    ``conversational=True`` returns TRL conversational rows (message lists). ``drop_invalid``
+    drops invalid rows (one ``UserWarning`` naming them) instead of raising on the first;
+    ``max_length`` (with ``tokenizer``) bounds the prompt's token count.
     """
     path, display = _resolve(name_or_path, "pairs")
-    ds = _normalise_columns(_read_any(path, split), display)
-    ds, _ = validate_preference_dataset(ds, source_name=display, max_length=max_length, tokenizer=tokenizer,
-                                        drop_invalid=drop_invalid)
-    is_conv = len(ds) > 0 and isinstance(ds[0]["prompt"], list)
+    raw = _read_any(path, split)
+    load = _load_pku if _is_pku(raw.column_names) else _load_generic
+    ds, _ = load(raw, display, text_labels=_is_text_format(path), max_length=max_length, tokenizer=tokenizer,
+                 drop_invalid=drop_invalid)
+    is_conv = isinstance(ds[0][PROMPT], list)
     if conversational and not is_conv:
         ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]})
     elif not conversational and is_conv:
-        ds = ds.map(lambda r: {"prompt": _text(r["prompt"]), "chosen": _text(r["chosen"]), "rejected": _text(r["rejected"])})
+        ds = ds.map(lambda r: {"prompt": text_of(r["prompt"]), "chosen": text_of(r["chosen"]),
+                               "rejected": text_of(r["rejected"])})
     keep = [c for c in PAIR_COLUMNS if c in ds.column_names]
     return ds.select_columns(keep)
 
 
 def load_safety_labels(name_or_path="embedded", split: str = "train", *, drop_invalid: bool = False):
-    """Unpaired safety labels: ``prompt, completion, is_safe`` (+ ``label_source, source`` when present)."""
+    """Unpaired safety labels: ``prompt, completion, is_safe`` (+ ``label_source, source`` when present).
+
+    The same rules as the pairs: non-empty texts, a boolean ``is_safe`` (decoded from text in a
+    CSV file); ``drop_invalid`` drops invalid rows with one ``UserWarning`` naming them.
+    """
     path, display = _resolve(name_or_path, "safety_labels")
     ds = _read_any(path, split)
     missing = [c for c in ("prompt", "completion", "is_safe") if c not in ds.column_names]
     if missing:
         raise DataValidationError(f"{display}: missing column(s) {missing}; expected prompt, completion, is_safe; found {ds.column_names}")
-    keep, labels = [], []
-    for i, r in enumerate(ds):
-        try:
-            for col in ("prompt", "completion"):
-                if not _text(r[col]).strip():
-                    raise DataValidationError(f"{display}: row {i}, column {col!r}: expected a non-empty text")
-            labels.append(_to_bool(r["is_safe"], source_name=display, row=i, column="is_safe"))
-            keep.append(i)
-        except DataValidationError:
+    prompts, completions = list(ds["prompt"]), list(ds["completion"])
+    labels = _label_column(ds, "is_safe", _is_text_format(path))
+    check = RowCheck(rows=len(ds), keep=[])
+    for row in range(len(ds)):
+        problem = None
+        for column, value in (("prompt", prompts[row]), ("completion", completions[row])):
+            if not text_of(value).strip():
+                problem = f"{display}: row {row}, column {column!r}: expected a non-empty text, got {value!r}"
+                break
+        if problem is None and not is_label(labels[row]):
+            problem = (f"{display}: row {row}, column 'is_safe': expected a boolean (true / false; True = safe), "
+                       f"got {labels[row]!r} of type {type(labels[row]).__name__}")
+        if problem is not None:
             if not drop_invalid:
-                raise
-    if len(keep) < len(ds):
-        logger.warning("%s: dropped %d invalid row(s)", display, len(ds) - len(keep))
-        ds = ds.select(keep)
-    return ds.remove_columns(["is_safe"]).add_column("is_safe", labels)
+                raise DataValidationError(problem)
+            check.errors[row] = problem
+            continue
+        check.keep.append(row)
+    if not check.keep:
+        raise DataValidationError(f"{display}: no valid rows")
+    warn_dropped_invalid(check, name=display)
+    if check.errors:
+        ds = ds.select(check.keep)
+    return ds.remove_columns(["is_safe"]).add_column("is_safe", [bool(labels[i]) for i in check.keep])
 
 
 def load_eval_prompts(name_or_path="embedded", split: str = "test"):

@@ -102,7 +102,8 @@ def _sample_constraint(rng: random.Random, keywords: list[str]) -> dict:
     return {"type": kind}
 
 
-_COMPATIBLE_PAIRS_BLOCK = {
+#: Constraint types that cannot both hold (or make a prompt unanswerable) in one prompt: never paired.
+_INCOMPATIBLE_PAIRS = {
     frozenset({"lowercase", "uppercase"}), frozenset({"max_words", "min_words"}), frozenset({"json_format", "bullet_points"}),
     frozenset({"json_format", "title"}), frozenset({"json_format", "start_with"}), frozenset({"json_format", "end_with"}),
     frozenset({"language", "include_keywords"}), frozenset({"language", "start_with"}), frozenset({"language", "end_with"}),
@@ -123,7 +124,7 @@ def generate_benign_prompts(n: int = 360, seed: int = 1234) -> list[dict]:
         constraints = [_sample_constraint(rng, keywords)]
         if rng.random() < 0.4:
             second = _sample_constraint(rng, keywords)
-            if second["type"] != constraints[0]["type"] and frozenset({second["type"], constraints[0]["type"]}) not in _COMPATIBLE_PAIRS_BLOCK:
+            if second["type"] != constraints[0]["type"] and frozenset({second["type"], constraints[0]["type"]}) not in _INCOMPATIBLE_PAIRS:
                 constraints.append(second)
         text = task.format(topic=topic) + " " + " ".join(instruction(c) for c in constraints)
         if text in seen:

@@ -23,6 +23,7 @@ Rules (also in ``data_cards/``):
 
 The build is deterministic for a seed on a given machine and thread count, unless the
 ``max_minutes`` guard stops sampling early (recorded in ``manifest.json`` as ``truncated``).
+``manifest.json`` also carries the run record (``llm_safepref.core.provenance.run_record``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm_safepref.core.provenance import run_record, write_json
 from llm_safepref.data import benign as benign_mod
 from llm_safepref.data import constraints as cons
 from llm_safepref.data import sources
@@ -498,7 +500,8 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest.update(run_record())  # command, git revision, versions, lock hash, machine, date
+    write_json(tmp / "manifest.json", manifest)
     (tmp / _COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
