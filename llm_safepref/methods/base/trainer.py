@@ -243,16 +243,17 @@ class LabelledPreferenceTrainer(DPOTrainer):
                 f"{['prompt', 'chosen', 'rejected', *self.label_columns]}. Found columns: {columns}"
             )
 
-    def condition_model_inputs(self, model_kwargs: dict[str, Any], labels: dict[str, torch.Tensor], *,
+    def condition_model_inputs(self, model, model_kwargs: dict[str, Any], labels: dict[str, torch.Tensor], *,
                                reference: bool) -> dict[str, Any]:
-        """The keyword arguments of one forward (default: unchanged).
+        """The keyword arguments of one forward of ``model`` (default: unchanged).
 
-        ``model_kwargs`` holds ``input_ids`` / ``attention_mask`` ``(2B, T)``, ``labels``
-        ``(2B, T)`` (``-100`` outside the completion) and ``use_cache``; ``labels`` the
-        batch's label columns. ``reference`` tells the reference forward from the policy's.
+        ``model`` is the module about to be called (the policy, possibly DDP-wrapped, or the
+        reference: a separate model or the policy with its adapter off). ``model_kwargs``
+        holds ``input_ids`` / ``attention_mask`` ``(2B, T)``, ``labels`` ``(2B, T)`` (``-100``
+        outside the completion) and ``use_cache``; ``labels`` the batch's label columns.
         To condition on embeddings, replace ``input_ids`` by ``inputs_embeds`` ``(2B, P+T, H)``
         and extend ``attention_mask`` and ``labels`` (with ``-100``) by the ``P`` prepended
-        positions; only the last ``T-1`` per-token log-probs are summed.
+        positions: only the last ``T-1`` per-token log-probs are summed, so they never count.
         """
         return model_kwargs
 
@@ -439,9 +440,6 @@ class LabelledPreferenceTrainer(DPOTrainer):
         """One no-grad forward of the reference -> ``(2B,)`` sums: a separate model, the policy
         with its adapter off (or on its ``ref`` adapter), or ``model`` when given (TRL's precompute)."""
         seq_len = model_kwargs["labels"].size(1) - 1
-        kwargs = self.condition_model_inputs(dict(model_kwargs), labels, reference=True)
-        # The frozen reference needs no router logits (TRL drops them too).
-        kwargs.pop("output_router_logits", None)
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -454,6 +452,10 @@ class LabelledPreferenceTrainer(DPOTrainer):
             else:
                 raise RuntimeError("no reference: pass ref_model, use PEFT, or set precompute_ref_log_probs=True")
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
+            # The hook runs without gradients too: nothing of the reference forward is trained.
+            kwargs = self.condition_model_inputs(model, dict(model_kwargs), labels, reference=True)
+            # The frozen reference needs no router logits (TRL drops them too).
+            kwargs.pop("output_router_logits", None)
             outputs = model(**kwargs, fused_lm_head=True)
         # Prompt-learning PEFT and conditioning hooks prepend positions: keep the last T-1.
         return outputs.log_probs[:, -seq_len:].sum(dim=1)
@@ -473,7 +475,7 @@ class LabelledPreferenceTrainer(DPOTrainer):
         seq_len = model_kwargs["labels"].size(1) - 1
 
         # One policy forward and one reference forward over [chosen; rejected] -> (2B,) sums.
-        policy_kwargs = self.condition_model_inputs(dict(model_kwargs), labels, reference=False)
+        policy_kwargs = self.condition_model_inputs(model, dict(model_kwargs), labels, reference=False)
         if self.aux_loss_enabled:
             # MoE: ask for router logits so that the output carries the load-balancing loss.
             policy_kwargs["output_router_logits"] = True
