@@ -24,19 +24,24 @@ Design decisions:
   means nothing to a reader. The embedded model is declared as its Hub original,
   ``HuggingFaceTB/SmolLM2-135M-Instruct``, with a note that it was trained on a copy
   dequantised from Q4_1.
-* matplotlib is optional: the ν trajectory is always a table (and ``nu_trajectory.json``);
-  a PNG plot is added only where matplotlib is installed.
+* The ν trajectory is a table (at most 25 rows), ``nu_trajectory.json`` (every point) and a
+  PNG plot drawn with matplotlib's Agg backend on a bare ``Figure`` (no pyplot: no display,
+  and the caller's matplotlib backend is left alone). matplotlib is a dependency; where it is
+  missing anyway the card is written without the plot and a warning says so.
+* No secret is written: the hyperparameters go through ``llm_safepref.core.provenance.redact``
+  (a ``hub_token`` or any ``*_token`` / password key becomes ``<redacted>``), and the tables
+  are laid out by ``llm_safepref.core.tables``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -120,7 +125,8 @@ def hub_base_model_id(base_model: str) -> str | None:
 
 
 def _cell(value: Any) -> str:
-    """One Markdown table cell: numbers to 4 significant digits, pipes escaped."""
+    """One Markdown table cell: numbers to 4 significant digits (a learning rate of 1.5e-4 stays
+    readable, where fixed decimals would print 0.000), pipes escaped."""
     if isinstance(value, bool) or value is None:
         text = str(value)
     elif isinstance(value, float):
@@ -133,9 +139,10 @@ def _cell(value: Any) -> str:
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """``llm_safepref.core.tables.markdown_table`` over cells formatted by :func:`_cell`."""
+    from llm_safepref.core.tables import markdown_table
+
+    return markdown_table([_cell(h) for h in header], [[_cell(v) for v in row] for row in rows])
 
 
 def _is_number(value: Any) -> bool:
@@ -196,21 +203,23 @@ def _thin(points: list[tuple[int, float]], n: int) -> list[tuple[int, float]]:
 
 
 def _plot_nu(points: list[tuple[int, float]], path: Path) -> bool:
+    """ν against the step as a 450 x 280 PNG (Agg canvas on a bare Figure; no pyplot state)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
+        warnings.warn("matplotlib is not installed (a dependency of llm_safepref): the model card has no ν plot; "
+                      "`pip install matplotlib` to add it", RuntimeWarning, stacklevel=3)
         return False
-    fig, ax = plt.subplots(figsize=(4.5, 2.8), dpi=100)
+    fig = Figure(figsize=(4.5, 2.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot([s for s, _ in points], [v for _, v in points], lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("ν (Lagrange multiplier)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return True
 
 
@@ -228,8 +237,9 @@ def write_model_card(
 ) -> Path:
     """Write ``README.md`` (Hub model card with YAML metadata) into ``output_dir``; return its path.
 
-    Also writes ``nu_trajectory.json`` (the full trajectory) when ``nu_trajectory`` is given,
-    and ``nu_trajectory.png`` when matplotlib is installed. Nothing else in the folder is touched.
+    Also writes ``nu_trajectory.json`` (the full trajectory) and ``nu_trajectory.png`` (its
+    plot) when ``nu_trajectory`` is given. Nothing else in the folder is touched. Secret-named
+    hyperparameters (``hub_token``, ...) are written as ``<redacted>``.
 
     Args:
         output_dir: the adapter folder (created if missing).
@@ -246,6 +256,9 @@ def write_model_card(
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(hyperparameters, Mapping):
         raise TypeError(f"hyperparameters must be a mapping, got {type(hyperparameters).__name__}")
+    from llm_safepref.core.provenance import redact
+
+    hyperparameters = redact(dict(hyperparameters))
     method_key = str(method).lower()
     base_id, base_note = _base_model_hub_id(str(base_model))
     dataset = str(dataset)
@@ -447,7 +460,9 @@ def publish_adapter(
 # CLI
 # ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from llm_safepref.core.cli import ToolParser
+
+    parser = ToolParser(
         prog="python -m llm_safepref.publish",
         description="Upload a saved PEFT/LoRA adapter folder to the Hugging Face Hub. "
         "The token comes from $HF_TOKEN or `hf auth login`; the endpoint from --endpoint or $HF_ENDPOINT.",
@@ -457,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT, else https://huggingface.co)")
     parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
-    parser.add_argument("--commit-message", default="Upload LoRA adapter trained with llm_safepref", help="commit title")
+    parser.add_argument("--commit_message", default="Upload LoRA adapter trained with llm_safepref", help="commit title")
     args = parser.parse_args(argv)
     try:
         commit_url = publish_adapter(

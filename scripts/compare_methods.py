@@ -7,15 +7,23 @@ Each run folder holds the ``run_metrics.json`` its recipe wrote (``before`` and 
 evaluations, ``command``, date, machine). The base row is the ``before`` evaluation of the
 first run; the script refuses runs whose evaluations differ in benchmark split, prompt subset
 or judge version, so every row of the table is measured on the same prompts by the same judge.
-Writes the JSON and a Markdown table next to it (``.md``), and prints the table.
+Writes the JSON (with this comparison's own run record: ``llm_safepref.core.provenance``) and a
+Markdown table next to it (``.md``, ``llm_safepref.core.tables``), and prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
+
+from llm_safepref.core.cli import ToolParser
+from llm_safepref.core.provenance import run_record, write_json
+from llm_safepref.core.tables import markdown_table
+
+#: What each source run records about itself (recipes' run_metrics.json carry run_record()).
+RUN_RECORD_KEYS = ("command", "git_revision", "versions", "lock_sha256", "machine", "date")
 
 RATES = ("harmful_compliance_rate", "over_refusal_rate", "instruction_following_rate")
 EXTRA = ("harmful_refusal_rate", "benign_refusal_rate", "look_dangerous_refusal_rate", "constraint_following_rate",
@@ -26,6 +34,11 @@ def _eval_key(ev: dict) -> tuple:
     gen = ev.get("generation", {})
     return (ev.get("split"), ev.get("n_prompts"), json.dumps(ev.get("n_by_category"), sort_keys=True),
             gen.get("limit"), gen.get("limit_per_category"), gen.get("max_new_tokens"), ev.get("judge_version"))
+
+
+def _benchmark(run: dict) -> str:
+    """The benchmark a run was evaluated on (runs from before --eval_benchmark: the embedded one)."""
+    return run.get("eval_benchmark") or "embedded"
 
 
 def _row(ev: dict, command: str) -> dict:
@@ -46,7 +59,8 @@ def goals(base: dict, method: dict) -> dict:
     }
 
 
-def compare(runs: dict[str, Path]) -> dict:
+def compare(runs: dict[str, Path], command: str | None = None) -> dict:
+    """The comparison of ``runs`` (name -> run folder or metrics file); ``command`` as recorded (default: this process's)."""
     metrics = {}
     for name, folder in runs.items():
         path = Path(folder) / "run_metrics.json" if Path(folder).is_dir() else Path(folder)
@@ -55,8 +69,13 @@ def compare(runs: dict[str, Path]) -> dict:
         metrics[name] = json.loads(path.read_text())
         for side in ("before", "after"):
             if metrics[name].get(side) is None:
-                raise ValueError(f"{name}: {path} has no {side!r} evaluation (was the run made with --skip_eval?)")
+                raise ValueError(f"{name}: {path} has no {side!r} evaluation (a run with --eval_benchmark none / "
+                                 "--skip_eval, or on data that is not a benchmark under --eval_benchmark auto)")
     first = next(iter(metrics))
+    benchmark = _benchmark(metrics[first])
+    for name, m in metrics.items():
+        if _benchmark(m) != benchmark:
+            raise ValueError(f"{name}: evaluated on {_benchmark(m)!r}, {first} on {benchmark!r}")
     key = _eval_key(metrics[first]["before"])
     for name, m in metrics.items():
         for side in ("before", "after"):
@@ -72,30 +91,27 @@ def compare(runs: dict[str, Path]) -> dict:
         if m.get("nu_trajectory"):
             out_methods[name]["final_nu"] = m["nu_trajectory"][-1][1]
     gen = base_ev.get("generation", {})
-    return {
-        "benchmark": (f"embedded benchmark, {base_ev['split']} split, {base_ev['n_prompts']} prompts "
-                      f"{base_ev['n_by_category']}, greedy, {gen.get('max_new_tokens')} new tokens"),
-        "judge_version": base_ev["judge_version"],
-        "methods": out_methods,
-        "goal_met": {name: goals(out_methods["base"], out_methods[name]) for name in metrics},
-        "date": metrics[first].get("date"),
-        "machine": metrics[first].get("machine"),
-        "command": "python scripts/compare_methods.py " + " ".join(sys.argv[1:]),
-    }
+    return run_record(
+        command,
+        benchmark=(f"{'embedded benchmark' if benchmark == 'embedded' else benchmark}, {base_ev['split']} split, {base_ev['n_prompts']} prompts "
+                   f"{base_ev['n_by_category']}, greedy, {gen.get('max_new_tokens')} new tokens"),
+        judge_version=base_ev["judge_version"],
+        methods=out_methods,
+        goal_met={name: goals(out_methods["base"], out_methods[name]) for name in metrics},
+        runs={name: {k: m.get(k) for k in RUN_RECORD_KEYS} for name, m in metrics.items()},
+    )
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Benchmark: {result['benchmark']}; judge `{result['judge_version']}`.", "",
-             "| method | harmful compliance ↓ | over-refusal ↓ | instruction following ↑ | command |",
-             "|---|---|---|---|---|"]
-    for name, row in result["methods"].items():
-        lines.append(f"| {name} | {row['harmful_compliance_rate']:.3f} | {row['over_refusal_rate']:.3f} | "
-                     f"{row['instruction_following_rate']:.3f} | `{row['command']}` |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, row["harmful_compliance_rate"], row["over_refusal_rate"], row["instruction_following_rate"],
+             f"`{row['command']}`"] for name, row in result["methods"].items()]
+    table = markdown_table(["method", "harmful compliance ↓", "over-refusal ↓", "instruction following ↑", "command"],
+                           rows, digits=3)
+    return f"Benchmark: {result['benchmark']}; judge `{result['judge_version']}`.\n\n{table}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ToolParser(prog="python scripts/compare_methods.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", required=True, metavar="NAME=FOLDER",
                         help="a method name and the recipe's output folder (or its run_metrics.json)")
     parser.add_argument("--out", default=None, help="write the comparison JSON here (+ .md next to it)")
@@ -106,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not folder:
             parser.error(f"--run expects NAME=FOLDER, got {spec!r}")
         runs[name] = Path(folder)
-    result = compare(runs)
+    # Called as main(argv) from Python, the process's own command line is not this one.
+    command = None if argv is None else " ".join(["python", "scripts/compare_methods.py", *map(shlex.quote, argv)])
+    result = compare(runs, command)
     table = markdown(result)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
         Path(args.out).with_suffix(".md").write_text(table)
     print(table)
     return 0

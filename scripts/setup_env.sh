@@ -57,7 +57,7 @@ fi
 # Smoke check: the stack imports (control's import shim included).
 "$venv/bin/python" - <<'PY'
 import importlib
-for name in ("torch", "trl", "transformers", "peft", "datasets", "accelerate", "gymnasium", "bullet_safety_gym", "llm_safepref.losses"):
+for name in ("torch", "trl", "transformers", "peft", "datasets", "accelerate", "gymnasium", "bullet_safety_gym", "matplotlib", "llm_safepref.losses"):
     importlib.import_module(name)
 PY
 echo "$want" > "$venv/.llm_safepref_stamp"

@@ -350,3 +350,48 @@ def test_pku_saferlhf_schema_file_trains_without_flags(tiny_model_path, tmp_path
                            train_dataset=ds, processing_class=tok)
     trainer.train()
     assert trainer.multiplier.num_updates == 1
+
+
+# ----------------------------------------------------------------------------- scripts/compare_methods.py
+
+
+def _compare_module():
+    spec = importlib.util.spec_from_file_location("compare_methods", REPO / "scripts" / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_methods_on_the_recorded_runs(tmp_path):
+    """The committed run files of results/runs give the committed comparison's figures."""
+    compare = _compare_module()
+    runs = {name: REPO / "results" / "runs" / f"{name}_lora.json" for name in ("presa", "dpo", "kto")}
+    out = tmp_path / "cmp.json"
+    assert compare.main([arg for name, path in runs.items() for arg in ("--run", f"{name}={path}")]
+                        + ["--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("command", "git_revision", "versions", "lock_sha256", "machine", "date"):
+        assert key in result, key
+    assert result["command"].startswith("python ") and "compare_methods.py --run presa=" in result["command"]
+    rates = {name: (row["harmful_compliance_rate"], row["over_refusal_rate"], row["instruction_following_rate"])
+             for name, row in result["methods"].items()}
+    # results/presa_embedded.md: base 0.440 / 0.007 / 0.350, presa 0.170 / 0.069 / 0.390, ...
+    assert {k: tuple(round(v, 3) for v in r) for k, r in rates.items()} == {
+        "base": (0.44, 0.007, 0.35), "presa": (0.17, 0.069, 0.39), "dpo": (0.2, 0.09, 0.37), "kto": (0.03, 0.772, 0.23)}
+    assert result["goal_met"]["presa"] == {"harmful_compliance_at_most_half_of_base": True,
+                                           "over_refusal_at_most_base_plus_10_points": True,
+                                           "instruction_following_at_least_base_minus_5_points": True}
+    assert result["runs"]["presa"]["command"] == "accelerate launch recipes/presa_lora.py"
+    table = out.with_suffix(".md").read_text()
+    assert "| presa | 0.170 | 0.069 | 0.390 | `accelerate launch recipes/presa_lora.py` |" in table
+
+    # Runs evaluated elsewhere, or not at all, are refused.
+    other = json.loads(runs["dpo"].read_text())
+    other["eval_benchmark"] = "/some/other/build"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="evaluated on '/some/other/build'"):
+        compare.compare({"presa": runs["presa"], "dpo": tmp_path / "other.json"})
+    other.update(eval_benchmark=None, before=None)
+    (tmp_path / "none.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="no 'before' evaluation"):
+        compare.compare({"presa": runs["presa"], "dpo": tmp_path / "none.json"})

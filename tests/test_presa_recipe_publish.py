@@ -14,6 +14,9 @@ to record a sha256 snapshot of the output folder at the moment the publish step 
 * failure (the server answers 500 on the commit): exit 1, "publishing failed" on stderr with
   the repo id and the local path, nothing committed, training done, the local folder unchanged
   by the publish attempt and the adapter loadable.
+* secrets: with ``--hub_token`` on the command line (and no ``HF_TOKEN``), the publish succeeds
+  with that token, and no file of the output folder (checkpoints and ``training_args.bin``
+  included) nor any file uploaded to the server contains the token's bytes.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def _env(hub_url: str, tmp_path: Path, snapshot_file: Path) -> dict[str, str]:
     return env
 
 
-def _run_recipe(hub: HubServer, model, tmp_path: Path, repo_id: str):
+def _run_recipe(hub: HubServer, model, tmp_path: Path, repo_id: str, extra: tuple[str, ...] = (),
+                env_overrides: dict[str, str | None] | None = None):
     data = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     snapshot_file = tmp_path / "publish_snapshot.json"
@@ -97,10 +101,15 @@ def _run_recipe(hub: HubServer, model, tmp_path: Path, repo_id: str):
         "--max_steps", str(STEPS), "--per_device_train_batch_size", "4", "--skip_eval", "true",
         "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--learning_rate", "5e-3",
         "--save_steps", "2", "--max_length", "128", "--lora_r", "4", "--lora_alpha", "8", "--use_cpu", "true",
-        "--push_to_hub", "true", "--hub_repo_id", repo_id,
+        "--push_to_hub", "true", "--hub_repo_id", repo_id, *extra,
     ]
-    proc = subprocess.run(cmd, env=_env(hub.url, tmp_path, snapshot_file), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    env = _env(hub.url, tmp_path, snapshot_file)
+    for key, value in (env_overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     snapshot = json.loads(snapshot_file.read_text()) if snapshot_file.exists() else None
     return proc, out, snapshot
 
@@ -225,3 +234,32 @@ def test_failed_publish_exits_nonzero_and_keeps_adapter(tiny_model_path, tmp_pat
     local = load_file(str(out / "adapter_model.safetensors"))
     loaded = get_peft_model_state_dict(model)
     assert sorted(loaded) == sorted(local) and all(torch.equal(loaded[k], local[k]) for k in local)
+
+
+def test_hub_token_flag_publishes_and_is_written_nowhere(tiny_model_path, tmp_path):
+    """``--hub_token`` is used to publish, and no byte of it is in any written or uploaded file."""
+    import torch
+
+    secret = "hf_FakeSecret_7q2Zx9LmW4vB"
+    repo_id = "user/tiny-presa-secret"
+    with HubServer(tokens={secret: "user"}) as hub:  # only the flag's token is accepted
+        proc, out, _ = _run_recipe(hub, tiny_model_path, tmp_path, repo_id, extra=("--hub_token", secret),
+                                   env_overrides={"HF_TOKEN": None})
+        assert proc.returncode == 0, _report(proc)
+        assert f"Published {out} to {repo_id}: {hub.url}/{repo_id}/commit/" in proc.stdout
+        remote = hub.files(repo_id)
+        assert "adapter_model.safetensors" in remote and "README.md" in remote
+        leaked_remote = [name for name, data in remote.items() if secret.encode() in data]
+    assert not leaked_remote, leaked_remote
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.relative_to(out).as_posix() for p in files}
+    # The files that used to carry it are there, so the search below means something.
+    assert {"run_metrics.json", "training_args.bin", "checkpoint-2/training_args.bin", "README.md"} <= names, names
+    leaked = [p.relative_to(out).as_posix() for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, f"the token is written in {leaked}"
+    for name in ("training_args.bin", "checkpoint-2/training_args.bin"):
+        assert torch.load(out / name, weights_only=False).hub_token is None, name
+    metrics = json.loads((out / "run_metrics.json").read_text())
+    assert "--hub_token <redacted>" in metrics["command"]
+    assert secret not in proc.stdout + proc.stderr

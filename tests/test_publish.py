@@ -287,9 +287,32 @@ def test_model_card(adapter_dir, tmp_path):
                          eval_table=None, nu_trajectory=[(0, 0.1), (1, float("nan"))])
 
 
-def test_model_card_plot_when_matplotlib_installed(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_model_card_plot(tmp_path):
+    """matplotlib is a dependency: the card always carries the ν plot, a 450 x 280 PNG (Agg)."""
+    from PIL import Image
+
     write_model_card(tmp_path, base_model="embedded", method="presa", dataset="embedded", hyperparameters={},
                      eval_table=None, nu_trajectory=NU)
     assert (tmp_path / "nu_trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "nu_trajectory.png") as image:
+        assert image.size == (450, 280)
+        # The trajectory is drawn: pixels of matplotlib's first line colour, C0 = #1f77b4.
+        colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+        assert (0x1F, 0x77, 0xB4) in colours
     assert "![ν trajectory](nu_trajectory.png)" in (tmp_path / "README.md").read_text()
+    # No trajectory, no plot.
+    write_model_card(tmp_path / "dpo", base_model="embedded", method="dpo", dataset="embedded", hyperparameters={},
+                     eval_table=None, nu_trajectory=None)
+    assert not (tmp_path / "dpo" / "nu_trajectory.png").exists()
+
+
+def test_model_card_never_writes_a_secret(tmp_path):
+    secret = "hf_CardSecret_0123456789"
+    write_model_card(tmp_path, base_model="embedded", method="presa", dataset="embedded",
+                     hyperparameters={"learning_rate": 1e-4, "hub_token": secret, "api_key": secret,
+                                      "eval_max_new_tokens": 64},
+                     eval_table=None, nu_trajectory=NU)
+    text = (tmp_path / "README.md").read_text()
+    assert "| hub_token | <redacted> |" in text and "| api_key | <redacted> |" in text
+    assert "| eval_max_new_tokens | 64 |" in text  # not a secret, kept
+    assert all(secret.encode() not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
