@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from control.tasks import get_spec, make_task
+from llm_safepref.core.schema import Metric
 
 __all__ = [
     "normalized_reward",
@@ -71,8 +72,8 @@ class EvalResult:
         return {
             "eval/return_mean": float(self.returns.mean()),
             "eval/cost_mean": float(self.costs.mean()),
-            "eval/normalized_reward": self.normalized_reward,
-            "eval/normalized_cost": self.normalized_cost,
+            Metric.EVAL_NORMALIZED_REWARD: self.normalized_reward,
+            Metric.EVAL_NORMALIZED_COST: self.normalized_cost,
             "eval/episodes": int(len(self.returns)),
         }
 

@@ -21,8 +21,8 @@ the observations and actions.
   lambda of their behaviour policy (SAC's 0 and 10, the gait search's -10, 0 and 10), so
   every goal-directed episode falls in exactly one bin.
 
-Column vocabulary shared with the token-level datasets: ``chosen``, ``rejected``,
-``chosen_is_safe``, ``rejected_is_safe``, ``user_id``.
+Column vocabulary shared with the token-level datasets (``llm_safepref.core.schema``):
+``chosen``, ``rejected``, ``chosen_is_safe``, ``rejected_is_safe``, ``user_id``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from control.data import Dataset, DataError
 from llm_safepref.core.losses import bradley_terry_loss
+from llm_safepref.core.schema import CHOSEN, CHOSEN_IS_SAFE, REJECTED, REJECTED_IS_SAFE, USER_ID
 
 __all__ = [
     "CrowdFeedbackConfig",
@@ -181,9 +182,9 @@ def make_crowd_feedback(ds: Dataset, cfg: CrowdFeedbackConfig) -> dict[str, np.n
     pick = lambda x, y: np.where(a_wins, x, y)  # noqa: E731
     thr = segment_cost_threshold(ds, L)
     out = {
-        "chosen": pick(a, b).astype(np.int64),
-        "rejected": pick(b, a).astype(np.int64),
-        "user_id": user_id.astype(np.int64),
+        CHOSEN: pick(a, b).astype(np.int64),
+        REJECTED: pick(b, a).astype(np.int64),
+        USER_ID: user_id.astype(np.int64),
         "query_set_id": np.repeat(np.arange(q), k).astype(np.int64),
         "chosen_return": pick(ret_a, ret_b),
         "rejected_return": pick(ret_b, ret_a),
@@ -191,8 +192,8 @@ def make_crowd_feedback(ds: Dataset, cfg: CrowdFeedbackConfig) -> dict[str, np.n
         "rejected_cost": pick(cost_b, cost_a),
         "segment_length": np.array(L),
     }
-    out["chosen_is_safe"] = out["chosen_cost"] <= thr
-    out["rejected_is_safe"] = out["rejected_cost"] <= thr
+    out[CHOSEN_IS_SAFE] = out["chosen_cost"] <= thr
+    out[REJECTED_IS_SAFE] = out["rejected_cost"] <= thr
     validate_feedback(out, ds)
     return out
 
@@ -232,9 +233,9 @@ def make_presa_feedback(ds: Dataset, cfg: PresaFeedbackConfig) -> dict[str, np.n
     thr = segment_cost_threshold(ds, L) if cfg.cost_threshold is None else cfg.cost_threshold
     pick = lambda x, y: np.where(a_wins, x, y)  # noqa: E731
     out = {
-        "chosen": pick(a, b).astype(np.int64),
-        "rejected": pick(b, a).astype(np.int64),
-        "user_id": np.full(cfg.n_pairs, cfg.goal_id, dtype=np.int64),
+        CHOSEN: pick(a, b).astype(np.int64),
+        REJECTED: pick(b, a).astype(np.int64),
+        USER_ID: np.full(cfg.n_pairs, cfg.goal_id, dtype=np.int64),
         "chosen_return": pick(ret_a, ret_b),
         "rejected_return": pick(ret_b, ret_a),
         "chosen_cost": pick(cost_a, cost_b),
@@ -242,24 +243,24 @@ def make_presa_feedback(ds: Dataset, cfg: PresaFeedbackConfig) -> dict[str, np.n
         "segment_length": np.array(L),
         "cost_threshold": np.array(thr),
     }
-    out["chosen_is_safe"] = out["chosen_cost"] <= thr
-    out["rejected_is_safe"] = out["rejected_cost"] <= thr
+    out[CHOSEN_IS_SAFE] = out["chosen_cost"] <= thr
+    out[REJECTED_IS_SAFE] = out["rejected_cost"] <= thr
     validate_feedback(out, ds)
     return out
 
 
 def validate_feedback(fb: dict[str, np.ndarray], ds: Dataset, source: str = "feedback") -> None:
     """Raise :class:`DataError` for mismatched lengths, out-of-episode segments, unknown users."""
-    for k in ("chosen", "rejected", "user_id", "segment_length"):
+    for k in (CHOSEN, REJECTED, USER_ID, "segment_length"):
         if k not in fb:
             raise DataError(f"{source}: missing column '{k}'")
     L = int(fb["segment_length"])
-    n = len(fb["chosen"])
+    n = len(fb[CHOSEN])
     for k, v in fb.items():
         if np.ndim(v) >= 1 and len(v) != n:
             raise DataError(f"{source}: column '{k}' has {len(v)} rows but 'chosen' has {n}; lengths must match")
     ep = ds["episode_ids"]
-    for k in ("chosen", "rejected"):
+    for k in (CHOSEN, REJECTED):
         s = np.asarray(fb[k], dtype=np.int64)
         end = s + L - 1
         bad = (s < 0) | (end >= ds.n)
@@ -270,7 +271,7 @@ def validate_feedback(fb: dict[str, np.ndarray], ds: Dataset, source: str = "fee
                 f"{source}: column '{k}' row {r}: segment starting at dataset row {int(s[r])} is shorter than "
                 f"segment_length={L} inside its episode (it runs past the episode end or the dataset)"
             )
-    uid = np.asarray(fb["user_id"])
+    uid = np.asarray(fb[USER_ID])
     bad = (uid < 0) | (uid >= ds.spec.n_users)
     if bad.any():
         r = int(np.flatnonzero(bad)[0])

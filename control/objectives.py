@@ -111,7 +111,7 @@ class PresaSegmentObjective:
         pref = self.preference_losses(*sums)
         logps = torch.cat([chosen_logps, rejected_logps])  # (2B,)
         ref_logps = torch.cat([ref_chosen_logps, ref_rejected_logps])
-        is_safe = torch.cat([torch.as_tensor(np.asarray(chosen_is_safe)), torch.as_tensor(np.asarray(rejected_is_safe))])
+        is_safe = torch.cat([torch.as_tensor(np.asarray(labels)) for labels in (chosen_is_safe, rejected_is_safe)])
         if is_safe.shape != logps.shape:
             raise ValueError(f"safety labels of shape {tuple(is_safe.shape)} for {tuple(logps.shape)} segments")
         p = safety_prob(logps, ref_logps, is_safe.to(logps.device), beta=self.cfg.safety_beta,

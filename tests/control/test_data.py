@@ -98,7 +98,7 @@ def test_default_data_dir_is_the_core_cache_root(monkeypatch, tmp_path):
     monkeypatch.delenv("LLM_SAFEPREF_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_data_dir() == tmp_path / "xdg" / "llm_safepref" / "control_data" == cache_root() / "control_data"
-    assert dataset_path("run", "smoke", 2) == tmp_path / "xdg" / "llm_safepref" / "control_data" / "run__smoke__seed2.npz"
+    assert dataset_path("run", "smoke", 2) == default_data_dir() / "run__smoke__seed2.npz"
 
 
 def test_build_metadata_is_the_core_run_record(smoke_dataset, control_data_dir):
