@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env test train data judge eval bench control-smoke clean-env
+.PHONY: env test train data judge eval bench clean-env
 
 env:
 	@scripts/setup_env.sh
@@ -14,8 +14,10 @@ env:
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-## The README's main job: PRESA LoRA on the embedded model and embedded data.
-## The benchmark is built once (16 min on 2 cores, measured 2026-11-23) and cached; later runs skip it.
+## The README's main job: PRESA LoRA on the embedded model and embedded data (defaults:
+## llm_safepref/recipes/configs/presa_lora.yaml; docs/recipes.md).
+## The benchmark is built once and cached (16–24 min on 2 CPU cores; 23.4 min in a fresh clone
+## on 2026-12-01); later runs skip it.
 ## accelerate gives a CPU process 1 thread unless told otherwise: use every core (THREADS=N to change).
 THREADS ?= $(shell nproc)
 train: env
@@ -30,6 +32,10 @@ judge: env
 
 eval: env
 	$(PY) -m llm_safepref.eval $(ARGS)
+
+## PRESA vs DPO vs the two-trainer alternative: step time and memory (benchmarks/presa_vs_dpo.py).
+bench: env
+	$(PY) benchmarks/presa_vs_dpo.py $(ARGS)
 
 clean-env:
 	rm -rf $(VENV)

@@ -54,3 +54,48 @@ def test_installed_package_is_llm_safepref_from_this_checkout():
     import llm_safepref
 
     assert Path(llm_safepref.__file__).resolve().is_relative_to(ROOT)
+
+
+def _pinned_closure_gaps(name: str, pins: dict[str, str]) -> list[str]:
+    """Requirements of installed ``name`` (no extras; markers evaluated here) that the lock lacks or pins otherwise."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    gaps = []
+    for text in metadata.requires(name) or []:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = re.sub(r"[-_.]+", "-", req.name).lower()
+        if key not in pins:
+            gaps.append(f"{req.name} (required by {name}) is not pinned")
+        elif not req.specifier.contains(pins[key], prereleases=True):
+            gaps.append(f"{req.name}=={pins[key]} does not satisfy {name}'s {req}")
+    return gaps
+
+
+def test_matplotlib_is_declared_locked_and_installed_with_its_dependencies():
+    """The model card's plot: matplotlib is a core dependency; the lock (installed --no-deps) holds it
+    and every package it needs, at the versions installed."""
+    from importlib import metadata
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0] == "matplotlib" for d in core), core
+    pins = _lock()
+    assert pins["matplotlib"].startswith("3.11.")
+    assert _pinned_closure_gaps("matplotlib", pins) == []
+    for name in ("matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pyparsing"):
+        assert metadata.version(name) == pins[name], name
+
+
+def test_every_phony_make_target_has_a_rule():
+    text = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*)$", text, re.M).group(1).split()
+    rules = set(re.findall(r"^([A-Za-z][\w-]*):(?!=)", text, re.M))
+    assert phony and [t for t in phony if t not in rules] == []
+    assert "16 min" not in text  # the measured build time is 16–24 min
