@@ -169,7 +169,10 @@ def test_missing_benchmark_is_refused_before_training(tiny_model_path, tmp_path,
     code = _module("dpo").main(["--model_name_or_path", str(tiny_model_path), "--dataset_name", str(PKU_SAMPLE),
                                 "--output_dir", str(out), "--eval_benchmark", "embedded", "--use_cpu", "true"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: --eval_benchmark embedded") and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: --eval_benchmark embedded (split 'test'): the embedded benchmark is not built")
+    assert "python -m llm_safepref.data build" in errors[0]
     assert not out.exists()
 
 

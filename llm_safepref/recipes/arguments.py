@@ -25,10 +25,6 @@ from llm_safepref.recipes.defaults import CONFIG_DIR, config_path, load_defaults
 
 __all__ = ["RecipeArguments", "CONFIG_DIR", "config_path", "load_defaults", "build_parser", "parse_args"]
 
-#: ``--eval_benchmark`` keywords; anything else is the path of a built benchmark folder.
-EVAL_BENCHMARK_KEYWORDS = ("auto", "embedded", "none")
-
-
 @dataclass
 class RecipeArguments(ScriptArguments):
     """Data and evaluation options shared by the recipes (TRL's ``ScriptArguments`` plus these)."""

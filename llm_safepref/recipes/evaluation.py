@@ -61,16 +61,18 @@ def resolve_eval_benchmark(script_args) -> EvalPlan:
     dataset = str(script_args.dataset_name)
     if script_args.skip_eval or choice.lower() == "none":
         return EvalPlan(None, "--eval_benchmark none" + (" (--skip_eval)" if script_args.skip_eval else ""))
+    flag = f"--eval_benchmark {choice}"
     if choice.lower() == "auto":
         if dataset == "embedded":
-            choice = "embedded"
+            choice, flag = "embedded", "--eval_benchmark auto (--dataset_name embedded)"
         elif _is_built_folder(dataset):
+            _check_split(dataset, script_args.eval_split, f"--eval_benchmark auto (--dataset_name {dataset})")
             return EvalPlan(dataset, f"auto: --dataset_name is the built benchmark folder {dataset}")
         else:
             return EvalPlan(None, "auto: the training data is not a benchmark",
                             message=SKIP_MESSAGE.format(dataset=dataset))
     if choice.lower() == "embedded":
-        _check_split("embedded", script_args.eval_split, "--eval_benchmark embedded")
+        _check_split("embedded", script_args.eval_split, flag)
         return EvalPlan("embedded", "the embedded benchmark")
     if not Path(choice).exists():
         raise RecipeError(f"--eval_benchmark {choice}: no such folder; expected 'auto', 'embedded', 'none' or the "
@@ -78,7 +80,7 @@ def resolve_eval_benchmark(script_args) -> EvalPlan:
     if not _is_built_folder(choice):
         raise RecipeError(f"--eval_benchmark {choice}: not a built benchmark folder (no completed build there; "
                           "build one with `python -m llm_safepref.data build --out PATH`)")
-    _check_split(choice, script_args.eval_split, f"--eval_benchmark {choice}")
+    _check_split(choice, script_args.eval_split, flag)
     return EvalPlan(choice, f"the benchmark folder {choice}")
 
 
@@ -89,7 +91,9 @@ def _check_split(benchmark: str, split: str, flag: str) -> None:
     try:
         n = len(load_eval_prompts(benchmark, split))
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise RecipeError(f"{flag} (split {split!r}): {err}; or pass --eval_benchmark none to train without "
+        how = ("the embedded benchmark is not built: build it once with `python -m llm_safepref.data build`, "
+               if benchmark == "embedded" and isinstance(err, FileNotFoundError) else "")
+        raise RecipeError(f"{flag} (split {split!r}): {how}{err}; or pass --eval_benchmark none to train without "
                           "the safety evaluation") from None
     if n == 0:
         raise RecipeError(f"{flag}: the {split!r} split has no evaluation prompts")
