@@ -66,7 +66,8 @@ CHILD = textwrap.dedent(
         logs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
         with open(os.path.join(opts["output_dir"], "result.json"), "w") as f:
             json.dump({"nu": trainer.nu, "rank_nus": all_nus, "logs": logs,
-                       "world_size": trainer.accelerator.num_processes}, f)
+                       "world_size": trainer.accelerator.num_processes,
+                       "restore_callback_states": args.restore_callback_states_from_checkpoint}, f)
     '''
 )
 
@@ -93,17 +94,20 @@ def _result(out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_matches_uninterrupted_run(tiny_model_path, tmp_path):
-    """Tolerance: nu and the final loss agree to 1e-5 absolute (same ops, same order, CPU)."""
-    script = _script(tmp_path)
-    base = {"model": str(tiny_model_path), "rows": 24, "batch": 4, "max_steps": 8, "save_steps": 2}
+KILL_BASE = {"rows": 24, "batch": 4, "max_steps": 8, "save_steps": 2}
 
-    straight = tmp_path / "straight"
-    _run([sys.executable, str(script), json.dumps({**base, "output_dir": str(straight)})])
 
-    killed = tmp_path / "killed"
-    opts = {**base, "output_dir": str(killed), "sleep": 0.5}
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_path, tmp_path_factory) -> dict:
+    """The uninterrupted 8-step run the killed-and-resumed runs are compared with."""
+    tmp = tmp_path_factory.mktemp("straight")
+    straight = tmp / "straight"
+    _run([sys.executable, str(_script(tmp)), json.dumps({**KILL_BASE, "model": str(tiny_model_path),
+                                                         "output_dir": str(straight)})])
+    return _result(straight)
+
+
+def _run_and_kill_after_step_5(script: Path, opts: dict) -> None:
     proc = subprocess.Popen([sys.executable, str(script), json.dumps(opts)], env=_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -116,11 +120,22 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_model_path, tmp_path)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tiny_model_path, tmp_path, straight_run):
+    """Tolerance: nu and the final loss agree to 1e-5 absolute (same ops, same order, CPU)."""
+    script = _script(tmp_path)
+    base = {"model": str(tiny_model_path), **KILL_BASE}
+
+    killed = tmp_path / "killed"
+    opts = {**base, "output_dir": str(killed), "sleep": 0.5}
+    _run_and_kill_after_step_5(script, opts)
     assert (killed / "checkpoint-4" / "lagrange.json").is_file()
     assert not (killed / "checkpoint-6").exists() and not (killed / "result.json").exists()
 
     _run([sys.executable, str(script), json.dumps({**opts, "sleep": 0.0, "resume": True})])
-    a, b = _result(straight), _result(killed)
+    a, b = straight_run, _result(killed)
     assert b["logs"][-1]["step"] == a["logs"][-1]["step"] == 8
     assert b["nu"] == pytest.approx(a["nu"], abs=1e-5)
     assert b["logs"][-1]["loss"] == pytest.approx(a["logs"][-1]["loss"], abs=1e-5)
@@ -130,6 +145,35 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_model_path, tmp_path)
         if e["step"] > 4:
             assert e["loss"] == pytest.approx(tail_a[e["step"]]["loss"], abs=1e-5)
             assert e["lagrange/nu"] == pytest.approx(tail_a[e["step"]]["lagrange/nu"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_default_args_restores_nu_from_trainer_state(tiny_model_path, tmp_path, straight_run):
+    """Default settings (restore_callback_states_from_checkpoint=False) and every lagrange.json
+    deleted after the kill: nu comes back from the checkpoint's trainer_state.json (transformers'
+    callback state) alone, and equals nu of the uninterrupted run, step by step (1e-5 absolute)."""
+    script = _script(tmp_path)
+    killed = tmp_path / "killed"
+    opts = {"model": str(tiny_model_path), **KILL_BASE, "output_dir": str(killed), "sleep": 0.5}
+    _run_and_kill_after_step_5(script, opts)
+    state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["LagrangeCallback"]["attributes"]["multiplier_state"]
+    nu_at_4 = {e["step"]: e for e in straight_run["logs"]}[4]["lagrange/nu"]
+    assert saved["num_updates"] == 4 and saved["value"] == pytest.approx(nu_at_4, abs=1e-5)
+    for path in killed.rglob("lagrange.json"):
+        path.unlink()
+
+    _run([sys.executable, str(script), json.dumps({**opts, "sleep": 0.0, "resume": True})])
+    a, b = straight_run, _result(killed)
+    assert b["restore_callback_states"] is False
+    assert b["logs"][-1]["step"] == 8
+    assert b["nu"] == pytest.approx(a["nu"], abs=1e-5)
+    tail_a = {e["step"]: e for e in a["logs"] if e["step"] > 4}
+    resumed = [e for e in b["logs"] if e["step"] > 4]
+    assert [e["step"] for e in resumed] == [5, 6, 7, 8]
+    for e in resumed:
+        assert e["lagrange/nu"] == pytest.approx(tail_a[e["step"]]["lagrange/nu"], abs=1e-5)
+        assert e["loss"] == pytest.approx(tail_a[e["step"]]["loss"], abs=1e-5)
 
 
 @pytest.mark.slow
