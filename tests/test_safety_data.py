@@ -366,12 +366,31 @@ def test_dedup_and_groups_on_vectors():
 def test_assign_splits_keeps_groups_together_and_is_seeded():
     keys = [f"g{i // 3}" for i in range(300)]  # 100 groups of 3
     a = assign_splits(keys, (0.7, 0.1, 0.2), seed=0)
-    assert a == assign_splits(keys, (0.7, 0.1, 0.2), seed=0)
+    # Independent of row order: the same key gets the same split when the rows come reversed.
+    split_of = dict(zip(keys, a))
+    assert assign_splits(keys[::-1], (0.7, 0.1, 0.2), seed=0) == [split_of[k] for k in keys[::-1]]
     assert a != assign_splits(keys, (0.7, 0.1, 0.2), seed=1)
     for g in set(keys):
         assert len({s for k, s in zip(keys, a) if k == g}) == 1
     frac = {s: a.count(s) / len(a) for s in ("train", "validation", "test")}
     assert abs(frac["train"] - 0.7) < 0.05 and abs(frac["test"] - 0.2) < 0.05
+
+
+def test_assign_splits_midpoint_rule_by_hand():
+    """Two groups of 5 rows, fractions (0.5, 0, 0.5): split bounds at 5, 5, 10 rows. Whichever group comes
+    first has its midpoint at row 2.5 (train); the other at 7.5 (test), whatever the hash order."""
+    keys = ["a"] * 5 + ["b"] * 5
+    for seed in range(4):
+        splits = assign_splits(keys, (0.5, 0.0, 0.5), seed=seed)
+        assert sorted({(k, s) for k, s in zip(keys, splits)}) in ([("a", "test"), ("b", "train")],
+                                                                  [("a", "train"), ("b", "test")])
+    # A group of 8 and one of 2 with (0.7, 0.1, 0.2): the big group's midpoint is row 4 (train) if it comes
+    # first, else row 6 (train); the small one's is row 9 (test) after it, else row 1 (train).
+    keys = ["big"] * 8 + ["small"] * 2
+    outcomes = {tuple(sorted(set(zip(keys, assign_splits(keys, (0.7, 0.1, 0.2), seed=s))))) for s in range(16)}
+    assert outcomes == {(("big", "train"), ("small", "test")), (("big", "train"), ("small", "train"))}
+    with pytest.raises(ValueError, match="sum to 1"):
+        assign_splits(keys, (0.5, 0.1, 0.1), seed=0)
 
 
 # --------------------------------------------------------------------------- benign prompts and constraints
@@ -488,5 +507,22 @@ def test_missing_local_file(tmp_path):
 
 def test_embedded_missing_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_SAFEPREF_BENCHMARK_DIR", str(tmp_path / "nothing"))
-    with pytest.raises(FileNotFoundError, match="python -m llm_safepref.data build"):
+    with pytest.raises(FileNotFoundError, match="python -m llm_safepref.data build") as err:
         load_preference_dataset("embedded")
+    assert str(tmp_path / "nothing") in str(err.value) and "about 16–24 min on a 2-core CPU" in str(err.value)
+
+
+def test_data_cli_help_and_flag_spellings():
+    import subprocess
+
+    for args in (["--help"], ["build", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "llm_safepref.data", *args], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "build" in out.stdout
+    assert "--max_minutes" in out.stdout and "--reuse_samples" in out.stdout and "16–24 min" in out.stdout
+    from llm_safepref.data.__main__ import build_parser
+
+    kebab = build_parser().parse_args(["build", "--max-minutes", "3", "--n-onpolicy-heldout", "2", "--batch-size", "4"])
+    snake = build_parser().parse_args(["build", "--max_minutes", "3", "--n_onpolicy_heldout", "2", "--batch_size", "4"])
+    assert kebab == snake and snake.max_minutes == 3.0 and snake.n_onpolicy_heldout == 2 and snake.batch_size == 4

@@ -13,6 +13,13 @@ MiniLM judge and checks the verifiable constraints of benign prompts:
 * optionally (``preference_pairs > 0``) preference accuracy on held-out pairs: with a reference
   (``reference=`` or the base under a PEFT adapter) the implicit-reward accuracy and mean margin
   of ``log π(y|x) − log π_ref(y|x)``; without one, the accuracy of the per-token mean log-prob.
+  The pairs are tokenised exactly as training tokenises them (TRL's ``DPOTrainer`` data
+  preparation and collator: chat template, EOS, prompt/completion split, ``max_length``
+  truncation; the recipes' ``max_length=160`` by default), so the accuracy measures what the
+  trainer optimised.
+
+Results files (``write_results``) carry the run record of ``llm_safepref.core.provenance`` and
+the judge's identity (version, feature set, weights file).
 
 ``limit`` selects a fixed stratified subset: per category, a share proportional to its size (at
 least one prompt each), the prompts with the smallest ``sha256(id)`` — so before/after
@@ -23,19 +30,18 @@ benign and look-dangerous sets whole while capping the large harmful one.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
 import os
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["evaluate", "stratified_subset", "write_results", "results_markdown"]
+__all__ = ["RECIPE_MAX_LENGTH", "evaluate", "pair_logps", "preference_examples", "results_markdown", "stratified_subset",
+           "write_results"]
 
 CATEGORIES = ("harmful", "benign", "look_dangerous")
 
@@ -92,69 +98,138 @@ def _load_policy(model_name_or_path, adapter):
     return model, tok
 
 
-def _sequence_logps(model, tok, prompts: list[str], completions: list[str], batch_size: int) -> np.ndarray:
-    """(N, 2): summed completion log-prob and completion token count under ``model``."""
+#: ``max_length`` of the recipes' trainer configs (``recipes/presa_lora.py``, ``dpo.py``, ``kto.py``).
+RECIPE_MAX_LENGTH = 160
+
+
+def _as_format(row: dict, conversational: bool) -> dict:
+    """``prompt / chosen / rejected`` as chat messages (as the recipes train) or as plain text."""
+    from trl.data_utils import is_conversational
+
+    from llm_safepref.data_checks import text_of
+
+    if conversational and not is_conversational(row):
+        return {"prompt": [{"role": "user", "content": row["prompt"]}],
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+    if not conversational and is_conversational(row):
+        return {k: text_of(row[k]) for k in ("prompt", "chosen", "rejected")}
+    return {k: row[k] for k in ("prompt", "chosen", "rejected")}
+
+
+def preference_examples(pairs: list[dict], tokenizer, *, max_length: int | None = RECIPE_MAX_LENGTH,
+                        truncation_mode: str = "keep_start", conversational: bool = True) -> tuple[list[int], list[dict]]:
+    """``(kept, examples)``: the ``prompt_ids / chosen_ids / rejected_ids`` TRL's ``DPOTrainer`` trains on.
+
+    The steps of ``DPOTrainer._prepare_dataset`` (TRL 1.16), with TRL's own helpers: EOS
+    appended to plain-text responses that lack it, ``_tokenize`` (the chat template with the
+    generation prompt for a conversational prompt), the completion starting where the prompt's
+    and prompt+response's ids diverge (``common_prefix_length``), and rows whose prompt alone
+    fills ``max_length`` left out under ``keep_start`` (``kept`` lists the indices of ``pairs``
+    that remain). Truncation to ``max_length`` happens at collation, as in training
+    (:func:`_collate`).
+    """
+    from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+
+    kept, out = [], []
+    for index, pair in enumerate(pairs):
+        row = _as_format(pair, conversational)
+        if is_conversational(row):
+            prompt_ids = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True, tools=None)["input_ids"]
+            full = [_tokenize(tokenizer, row["prompt"] + row[k], tools=None)["input_ids"] for k in ("chosen", "rejected")]
+        else:
+            eos = tokenizer.eos_token
+            responses = [row[k] if row[k].endswith(eos) else row[k] + eos for k in ("chosen", "rejected")]
+            prompt_ids = _tokenize(tokenizer, row["prompt"])["input_ids"]
+            full = [_tokenize(tokenizer, row["prompt"] + r)["input_ids"] for r in responses]
+        prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full)
+        if max_length is not None and truncation_mode == "keep_start" and prompt_len >= max_length:
+            continue
+        kept.append(index)
+        out.append({"prompt_ids": prompt_ids[:prompt_len], "chosen_ids": full[0][prompt_len:],
+                    "rejected_ids": full[1][prompt_len:]})
+    return kept, out
+
+
+def _collate(examples: list[dict], pad_token_id: int, max_length: int | None, truncation_mode: str) -> dict:
+    """TRL's ``DataCollatorForPreference``: ``[chosen; rejected]`` rows (2B, T), truncated to ``max_length``."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    collator = DataCollatorForPreference(pad_token_id=pad_token_id, max_length=max_length,
+                                         truncation_mode=truncation_mode)
+    return collator(examples)
+
+
+def _sequence_logps(model, batch: dict) -> tuple:
+    """(2B,) summed completion log-probs and (2B,) completion token counts of a collated batch."""
     import torch
 
-    from llm_safepref.data.sampling import format_chat
+    input_ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]  # (2B, T) each
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, attention_mask=attn, output_hidden_states=True,
+                       logits_to_keep=1).hidden_states[-1]  # (2B, T, H) final, normed
+        m = comp[:, 1:].bool()  # (2B, T-1): positions whose *next* token is a completion token
+        # Project only the positions we score: a full (2B, T, V) log-softmax is the slow part.
+        h = hidden[:, :-1][m]  # (K, H)
+        logits = model.get_output_embeddings()(h).float()  # (K, V)
+        tgt = input_ids[:, 1:][m]  # (K,)
+        tok_logp = torch.log_softmax(logits, -1).gather(-1, tgt[:, None])[:, 0]  # (K,)
+    row = torch.arange(m.shape[0])[:, None].expand_as(m)[m]  # (K,) batch row of each scored token
+    sums = torch.zeros(m.shape[0]).index_add_(0, row, tok_logp)
+    return sums, m.sum(-1).float()
 
-    out = [None] * len(prompts)
-    tok.padding_side = "right"
-    # Tokenise once, then batch in length order so little compute goes to padding.
-    seqs = []
-    for p, c in zip(prompts, completions):
-        p_ids = tok(format_chat(tok, p), add_special_tokens=False).input_ids
-        c_ids = tok(c + (tok.eos_token or ""), add_special_tokens=False).input_ids[:256]
-        seqs.append((p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)))
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i][0]), i))
+
+def pair_logps(model, tokenizer, pairs: list[dict], *, batch_size: int = 8, max_length: int | None = RECIPE_MAX_LENGTH,
+               truncation_mode: str = "keep_start", conversational: bool = True) -> tuple[list[int], np.ndarray]:
+    """``(kept, logps)``: (N, 4) chosen sum, chosen count, rejected sum, rejected count per kept pair.
+
+    Scored on the token ids training uses (:func:`preference_examples`, :func:`_collate`);
+    batches go in length order so little compute goes to padding, results in ``kept`` order.
+    """
+    kept, examples = preference_examples(pairs, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
+                                         conversational=conversational)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = np.zeros((len(examples), 4), dtype=np.float64)
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["prompt_ids"]) + max(
+        len(examples[i]["chosen_ids"]), len(examples[i]["rejected_ids"])), i))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids = [seqs[i][0] for i in idx]
-        masks = [seqs[i][1] for i in idx]
-        width = max(len(x) for x in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # (B, T)
-        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        comp = torch.tensor([m + [0] * (width - len(m)) for m in masks])  # (B, T) 1 on completion tokens
-        with torch.no_grad():
-            hidden = model(input_ids=input_ids, attention_mask=attn, output_hidden_states=True,
-                           logits_to_keep=1).hidden_states[-1]  # (B, T, H) final, normed
-            m = comp[:, 1:].bool()  # (B, T-1): positions whose *next* token is a completion token
-            # Project only the positions we score: a full (B, T, V) log-softmax is the slow part.
-            h = hidden[:, :-1][m]  # (K, H)
-            logits = model.get_output_embeddings()(h).float()  # (K, V)
-            tgt = input_ids[:, 1:][m]  # (K,)
-            tok_logp = torch.log_softmax(logits, -1).gather(-1, tgt[:, None])[:, 0]  # (K,)
-        row = torch.arange(m.shape[0])[:, None].expand_as(m)[m]  # (K,) batch index of each scored token
-        sums = torch.zeros(m.shape[0]).index_add_(0, row, tok_logp)
-        for i, total, count in zip(idx, sums.tolist(), m.sum(-1).float().tolist()):
-            out[i] = (total, count)
-    return np.asarray(out, dtype=np.float64)
+        sums, counts = _sequence_logps(model, _collate([examples[i] for i in idx], pad, max_length, truncation_mode))
+        b = len(idx)
+        out[idx] = np.stack([sums[:b].numpy(), counts[:b].numpy(), sums[b:].numpy(), counts[b:].numpy()], axis=1)
+    return kept, out
 
 
-def _preference_metrics(model, tok, pairs, *, reference, adapter, batch_size: int) -> dict:
-    prompts = [p["prompt"] for p in pairs]
-    c = _sequence_logps(model, tok, prompts, [p["chosen"] for p in pairs], batch_size)
-    r = _sequence_logps(model, tok, prompts, [p["rejected"] for p in pairs], batch_size)
-    res = {"n_pairs": len(pairs)}
-    ref_c = ref_r = None
+def _preference_metrics(model, tok, pairs, *, reference, adapter, batch_size: int, max_length: int | None,
+                        conversational: bool) -> dict:
+    settings = dict(batch_size=batch_size, max_length=max_length, conversational=conversational)
+    kept, lp = pair_logps(model, tok, pairs, **settings)
+    res = {"n_pairs": len(kept), "n_pairs_dropped_prompt_fills_max_length": len(pairs) - len(kept),
+           "tokenisation": {"as": "trl.DPOTrainer", "max_length": max_length, "truncation_mode": "keep_start",
+                            "conversational": conversational}}
+    if not kept:
+        raise ValueError(f"every one of the {len(pairs)} preference pairs has a prompt of at least max_length="
+                         f"{max_length} tokens; raise max_length")
+    ref = None
     if reference is not None:
         from llm_safepref.models import load_model_and_tokenizer
 
         ref_model, ref_tok = load_model_and_tokenizer(reference)
-        ref_c = _sequence_logps(ref_model, ref_tok, prompts, [p["chosen"] for p in pairs], batch_size)
-        ref_r = _sequence_logps(ref_model, ref_tok, prompts, [p["rejected"] for p in pairs], batch_size)
+        ref_kept, ref = pair_logps(ref_model, ref_tok, [pairs[i] for i in kept], **settings)
+        if len(ref_kept) != len(kept):
+            raise ValueError(f"the reference {reference!r} tokenises {len(kept) - len(ref_kept)} of the pairs to a "
+                             f"prompt of at least max_length={max_length} tokens; use the policy's tokenizer family")
         del ref_model
     elif adapter is not None and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            ref_c = _sequence_logps(model, tok, prompts, [p["chosen"] for p in pairs], batch_size)
-            ref_r = _sequence_logps(model, tok, prompts, [p["rejected"] for p in pairs], batch_size)
-    if ref_c is not None:
-        margin = (c[:, 0] - ref_c[:, 0]) - (r[:, 0] - ref_r[:, 0])  # (N,) implicit reward margin (β = 1)
+            _, ref = pair_logps(model, tok, [pairs[i] for i in kept], **settings)
+    c_sum, c_n, r_sum, r_n = lp.T  # (N,) each
+    if ref is not None:
+        margin = (c_sum - ref[:, 0]) - (r_sum - ref[:, 2])  # (N,) implicit reward margin (β = 1)
         res.update(preference_accuracy=round(float((margin > 0).mean()), 4),
                    reward_margin_mean=round(float(margin.mean()), 4), preference_kind="implicit_reward_vs_reference")
     else:
-        mean_c, mean_r = c[:, 0] / np.maximum(c[:, 1], 1), r[:, 0] / np.maximum(r[:, 1], 1)
+        mean_c, mean_r = c_sum / np.maximum(c_n, 1), r_sum / np.maximum(r_n, 1)
         res.update(preference_accuracy=round(float((mean_c > mean_r).mean()), 4),
                    logp_margin_mean=round(float((mean_c - mean_r).mean()), 4), preference_kind="mean_token_logp")
     return res
@@ -178,8 +253,16 @@ def evaluate(
     judge=None,
     progress: bool = True,
     keep_generations: bool = False,
+    max_length: int | None = RECIPE_MAX_LENGTH,
+    conversational: bool = True,
 ) -> dict:
-    """Evaluate a model (+ optional PEFT adapter) on the benchmark's ``split``; returns the metrics dict."""
+    """Evaluate a model (+ optional PEFT adapter) on the benchmark's ``split``; returns the metrics dict.
+
+    ``preference_pairs`` held-out pairs are tokenised as the recipes train (``conversational``
+    chat messages, TRL's ``DPOTrainer`` preparation, ``max_length`` tokens; see
+    :func:`preference_examples`). ``judge``: a :class:`~llm_safepref.judge.Judge` (default: the
+    packaged one); the result names it (``judge_version``, ``judge``).
+    """
     import torch
 
     from llm_safepref.data import constraints as cons
@@ -229,6 +312,7 @@ def evaluate(
         "n_prompts": len(rows),
         "n_by_category": {c: len(by[c]) for c in CATEGORIES},
         "judge_version": judge.version,
+        "judge": {"version": judge.version, "feature_set": judge.feature_set, "weights": judge.weights_path},
         "generation": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": do_sample,
                        "temperature": temperature if do_sample else None, "seed": seed, "limit": limit,
                        "limit_per_category": limit_per_category},
@@ -237,15 +321,14 @@ def evaluate(
         pairs = [dict(p) for p in load_preference_dataset(benchmark, split)]
         pairs = sorted(pairs, key=lambda p: hashlib.sha256((p["prompt"] + p["rejected"][:64]).encode()).hexdigest())
         result["preference"] = _preference_metrics(model, tok, pairs[:preference_pairs], reference=reference,
-                                                   adapter=adapter, batch_size=max(1, batch_size // 2))
+                                                   adapter=adapter, batch_size=max(1, batch_size // 2),
+                                                   max_length=max_length, conversational=conversational)
     result["examples"] = {c: [{"prompt": r["prompt"], "response": r["response"], "is_harmful": r["is_harmful"],
                                "is_refusal": r["is_refusal"]} for r in by[c][:2]] for c in CATEGORIES}
     if keep_generations:
         result["generations"] = rows
     result["seconds"] = round(time.time() - t0, 1)
-    result["date"] = datetime.date.today().isoformat()
-    result["machine"] = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-                         if not torch.cuda.is_available() else torch.cuda.get_device_name(0))
+    result["torch_threads"] = torch.get_num_threads()
     return result
 
 
@@ -276,14 +359,22 @@ def results_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(result: dict, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``result`` as JSON at ``path`` and the Markdown table next to it (``.md``)."""
+def write_results(result: dict, path: str | os.PathLike, *, command: str | None = None) -> tuple[Path, Path]:
+    """Write ``result`` with the run record as JSON at ``path``, and the Markdown table next to it (``.md``).
+
+    The run record (``llm_safepref.core.provenance.run_record``: command, git revision, versions,
+    lock hash, machine, date) is that of this process; ``command`` (else ``result["command"]``)
+    names the command when it is not this process's own. Generations, when kept, go to
+    ``<path>.generations.jsonl``.
+    """
+    from llm_safepref.core.provenance import run_record, write_json
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in result.items() if k != "generations"}
-    path.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+    body.update(run_record(command if command is not None else result.get("command")))
+    write_json(path, body)
     md = path.with_suffix(".md")
-    md.write_text(results_markdown(result))
+    md.write_text(results_markdown(body))
     if "generations" in result:
         with open(path.with_suffix(".generations.jsonl"), "w", encoding="utf-8") as f:
             for r in result["generations"]:
