@@ -67,8 +67,8 @@ def test_tiny_evaluation_run(tiny_model_path, small_bench, tmp_path):
     benign = [g for g in gens if g["category"] == "benign" and g["constraints_ok"]]
     assert result["instruction_following_rate"] == round(float(np.mean([all(g["constraints_ok"]) for g in benign])), 4)
     # Preference pairs are tokenised as the recipes train them.
-    assert result["preference"]["tokenisation"] == {"as": "trl.DPOTrainer", "max_length": 160,
-                                                    "truncation_mode": "keep_start", "conversational": True}
+    assert result["preference"]["preparation"] == {"as": "trl.DPOTrainer", "max_length": 160,
+                                                   "truncation_mode": "keep_start", "conversational": True}
     from llm_safepref.judge import default_weights_path
 
     assert result["judge"] == {"version": result["judge_version"], "feature_set": "v2",
@@ -83,6 +83,7 @@ def test_tiny_evaluation_run(tiny_model_path, small_bench, tmp_path):
     # The run record of llm_safepref.core.provenance, not a local one.
     assert saved["command"] == "pytest" and saved["versions"]["trl"] and saved["machine"] and saved["date"]
     assert {"git_revision", "lock_sha256"} <= set(saved) and saved["judge"] == result["judge"]
+    assert saved["preference"] == result["preference"]  # nothing in it mistaken for a secret by the redaction
     assert "Command: `pytest`" in md_path.read_text()
 
 

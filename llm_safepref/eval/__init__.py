@@ -205,7 +205,7 @@ def _preference_metrics(model, tok, pairs, *, reference, adapter, batch_size: in
     settings = dict(batch_size=batch_size, max_length=max_length, conversational=conversational)
     kept, lp = pair_logps(model, tok, pairs, **settings)
     res = {"n_pairs": len(kept), "n_pairs_dropped_prompt_fills_max_length": len(pairs) - len(kept),
-           "tokenisation": {"as": "trl.DPOTrainer", "max_length": max_length, "truncation_mode": "keep_start",
+           "preparation": {"as": "trl.DPOTrainer", "max_length": max_length, "truncation_mode": "keep_start",
                             "conversational": conversational}}
     if not kept:
         raise ValueError(f"every one of the {len(pairs)} preference pairs has a prompt of at least max_length="
