@@ -325,3 +325,12 @@ def test_tool_parser_accepts_both_spellings():
     s.add_argument("--max_steps", type=int, default=1)
     assert p.parse_args(["go", "--max-steps", "5"]).max_steps == 5
     assert "--label_noise" in p.format_help()
+
+
+def test_current_command_names_the_module_of_python_dash_m(tmp_path):
+    import llm_safepref.eval as ev
+    from pathlib import Path
+
+    main = str(Path(ev.__file__).with_name("__main__.py"))
+    assert provenance.current_command([main, "--out", "x.json"]) == "python -m llm_safepref.eval --out x.json"
+    assert provenance.redact({"tokenisation": "trl", "max_new_tokens": 8}) == {"tokenisation": "trl", "max_new_tokens": 8}

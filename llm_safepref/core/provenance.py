@@ -47,7 +47,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|credential)", re.I)
 # Keys that contain a secret-like word but hold none.
 _NOT_SECRET = re.compile(r"(^|_)(tokens?_per|num_tokens|max_new_tokens|max_tokens|tokenizer|token_id|pad_token|"
-                         r"eos_token|bos_token|unk_token|tokens$|tokenized)", re.I)
+                         r"eos_token|bos_token|unk_token|tokens$|tokeni[sz]ed|tokeni[sz]ation)", re.I)
 
 
 def _is_secret_key(key: str) -> bool:
@@ -100,11 +100,17 @@ def current_command(argv: list[str] | None = None) -> str:
 
 
 def _module_of(path: str) -> str | None:
-    try:
-        rel = Path(path).resolve().parent.relative_to(_REPO_ROOT)
-    except ValueError:
-        return None
-    return ".".join(rel.parts) or None
+    # The dotted module of a package's __main__.py, relative to the sys.path entry it was found under.
+    folder = Path(path).resolve().parent
+    best: tuple[str, ...] | None = None
+    for entry in sys.path:
+        try:
+            parts = folder.relative_to(Path(entry or ".").resolve()).parts
+        except (ValueError, OSError):
+            continue
+        if parts and (best is None or len(parts) < len(best)):
+            best = parts
+    return ".".join(best) if best else None
 
 
 def git_revision(root: str | os.PathLike | None = None) -> str | None:
