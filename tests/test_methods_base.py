@@ -236,6 +236,18 @@ def test_collator_label_types_and_missing_labels():
         collator([examples[0], {**examples[1], "context": [1.0]}])
 
 
+def test_compatibility_paths_are_the_new_objects():
+    import llm_safepref
+    from llm_safepref import presa_config, presa_trainer
+    from llm_safepref.methods.presa import trainer as new_trainer
+
+    assert presa_trainer.PresaTrainer is llm_safepref.PresaTrainer is PresaTrainer
+    assert presa_config.PresaConfig is presa_trainer.PresaConfig is llm_safepref.PresaConfig is PresaConfig
+    assert presa_trainer.PresaDataCollator is new_trainer.PresaDataCollator
+    assert presa_trainer.LAGRANGE_FILE == LAGRANGE_FILE == "lagrange.json"
+    assert issubclass(PresaTrainer, LabelledPreferenceTrainer) and issubclass(PresaConfig, LabelledPreferenceConfig)
+
+
 def test_methods_registry():
     assert get_method("presa") == (PresaConfig, PresaTrainer)
     assert set(METHODS) == {"presa"}

@@ -14,8 +14,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_safepref.presa_config import PresaConfig
-from llm_safepref.presa_trainer import LAGRANGE_FILE, PresaDataCollator, PresaTrainer
+from llm_safepref.methods.presa.config import PresaConfig
+from llm_safepref.methods.presa.trainer import LAGRANGE_FILE, PresaDataCollator, PresaTrainer
 
 torch.set_num_threads(1)
 

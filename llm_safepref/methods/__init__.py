@@ -1,18 +1,16 @@
 """One folder per training method, each on the shared base (the layout PEFT uses for its tuners).
 
-======== =============================================== ======================== =================
-method   folder                                          config / trainer         recipe, docs
-======== =============================================== ======================== =================
-base     ``llm_safepref/methods/base/``                  LabelledPreferenceConfig  ``docs/methods_layout.md``
-                                                         / LabelledPreferenceTrainer
-presa    ``llm_safepref/methods/presa/``                 PresaConfig / PresaTrainer ``recipes/presa_lora.py``, ``docs/presa.md``
-======== =============================================== ======================== =================
+* ``base/``: :class:`~llm_safepref.methods.base.LabelledPreferenceConfig` and
+  :class:`~llm_safepref.methods.base.LabelledPreferenceTrainer`, what every
+  preference-with-labels trainer shares (``docs/methods_layout.md``).
+* ``presa/``: :class:`~llm_safepref.methods.presa.PresaConfig` and
+  :class:`~llm_safepref.methods.presa.PresaTrainer` (recipe ``recipes/presa_lora.py``,
+  docs ``docs/presa.md``).
 
 A new method goes in ``llm_safepref/methods/<name>/`` with ``config.py`` (a
 ``LabelledPreferenceConfig`` subclass) and ``trainer.py`` (a ``LabelledPreferenceTrainer``
 subclass), is listed in :data:`METHODS`, and gets a recipe in ``recipes/`` and a page in
-``docs/`` (``docs/methods_layout.md``). Importing this package loads no trainer:
-:func:`get_method` imports one on request.
+``docs/``. Importing this package loads no trainer: :func:`get_method` imports one on request.
 """
 
 from __future__ import annotations
