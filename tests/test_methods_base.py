@@ -512,3 +512,46 @@ def test_resume_from_a_checkpoint_without_callback_state_reads_lagrange_json(tin
     assert saved["value"] == pytest.approx(straight["nu"], abs=1e-9)
     with open(os.path.join(resumed.args.output_dir, "checkpoint-4", LAGRANGE_FILE)) as f:
         assert json.load(f)["value"] == pytest.approx(straight["nu"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_presa_without_safety_term_is_trl_dpo_on_the_embedded_model(embedded_model_path, tmp_path):
+    """SmolLM2-135M-Instruct, conversational rows through its chat template, LoRA with the
+    adapter-off reference: PRESA with nu = 0 gives TRL DPO's loss, sums and adapter gradients."""
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in make_rows(4)]
+    ds = Dataset.from_list(rows)
+    common = {**COMMON, "max_length": 96}
+    model_p, tok_p = load(embedded_model_path)
+    presa = PresaTrainer(model_p, args=PresaConfig(output_dir=str(tmp_path / "p"), nu_init=0.0, nu_lr=0.0,
+                                                   pref_loss="dpo", beta=0.1, **common),
+                         train_dataset=ds, processing_class=tok_p, peft_config=lora_config())
+    model_d, tok_d = load(embedded_model_path)
+    dpo = DPOTrainer(model_d, args=DPOConfig(output_dir=str(tmp_path / "d"), beta=0.1, per_device_train_batch_size=4,
+                                             max_length=96, report_to="none", bf16=False,
+                                             gradient_checkpointing=False, seed=0),
+                     train_dataset=ds.remove_columns(["chosen_is_safe", "rejected_is_safe", "user_id"]),
+                     processing_class=tok_d, peft_config=lora_config())
+    batch = first_batch(presa)
+    presa.model.train()
+    dpo.model.train()
+    loss = presa.compute_loss(presa.model, batch)
+    loss_dpo = dpo.compute_loss(dpo.model, {k: v for k, v in batch.items() if k not in ("chosen_is_safe", "rejected_is_safe")})
+    assert loss.item() == pytest.approx(loss_dpo.item(), abs=1e-6)
+    for key in ("logps/chosen", "logps/rejected", "entropy"):
+        assert presa._metrics["train"][key][0] == pytest.approx(dpo._metrics["train"][key][0], rel=1e-5), key
+    loss.backward()
+    loss_dpo.backward()
+    grads_p = {n: p.grad for n, p in presa.model.named_parameters() if p.requires_grad and "lora_B" in n}
+    grads_d = {n: p.grad for n, p in dpo.model.named_parameters() if p.requires_grad and "lora_B" in n}
+    assert grads_p and grads_p.keys() == grads_d.keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_p[name], grads_d[name], rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads_p.values())
