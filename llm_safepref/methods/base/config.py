@@ -96,7 +96,8 @@ class LabelledPreferenceConfig(DPOConfig):
 
         require(self.beta > 0, f"beta must be > 0, got {self.beta}")
         require(self.nu_max >= 0, f"nu_max must be >= 0, got {self.nu_max}")
-        require(0.0 <= self.nu_init <= self.nu_max, f"nu_init must lie in [0, nu_max={self.nu_max}], got {self.nu_init}")
+        require(0.0 <= self.nu_init <= self.nu_max,
+                f"nu_init must lie in [0, nu_max={self.nu_max}], got {self.nu_init}")
         require(self.nu_lr >= 0, f"nu_lr must be >= 0, got {self.nu_lr}")
 
         # DPO's loss options have no meaning under the method's loss: refuse rather than ignore them.

@@ -451,7 +451,8 @@ class LabelledPreferenceTrainer(DPOTrainer):
                 model = self.model
             else:
                 raise RuntimeError("no reference: pass ref_model, use PEFT, or set precompute_ref_log_probs=True")
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
+        no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+        with torch.no_grad(), no_checkpointing, adapter:
             # The hook runs without gradients too: nothing of the reference forward is trained.
             kwargs = self.condition_model_inputs(model, dict(model_kwargs), labels, reference=True)
             # The frozen reference needs no router logits (TRL drops them too).
