@@ -55,6 +55,11 @@ def test_bullet_list(text, expected):
     assert G.ListFormat("bullet", 3).score(text) == pytest.approx(expected)
 
 
+def test_any_list():
+    assert G.ListFormat("any", 3).score("- a\n2. b") == pytest.approx(2 / 3)
+    assert G.ListFormat("any", 3).score("1. a\n2. b\n* c\nText") == 1.0
+
+
 def test_numbered_list():
     g = G.ListFormat("numbered", 4)
     assert g.score("1. a\n2) b\n3. c") == pytest.approx(0.75)
@@ -67,12 +72,24 @@ def test_numbered_list():
 def test_summary_first():
     g = G.SummaryFirst(12)
     assert g.score("Bees make honey from nectar.\nThey collect it in the hive.") == 1.0
-    assert g.score("Bees make honey from nectar. They collect it in the hive.") == 0.0  # one line: no body
-    assert g.score(_w(18) + "\nbody") == pytest.approx(0.5)  # 1 - (18 - 12) / 12
-    assert g.score(_w(24) + "\nbody") == 0.0
+    assert g.score("Bees make honey from nectar. They collect it in the hive.") == 1.0  # sentences count too
+    assert g.score("Bees make honey from nectar and store it in wax cells.") == 0.0  # nothing follows
+    assert g.score(_w(18) + ". More.") == pytest.approx(0.5)  # 1 - (18 - 12) / 12
+    assert g.score(_w(18) + "\nbody") == pytest.approx(0.5)
+    assert g.score(_w(24) + ". More.") == 0.0
     assert g.score("Here are some tips:\n- water\n- light") == 0.0  # a header, not a summary
     assert g.score("- water\n- light") == 0.0  # a list item first
-    assert G.SummaryFirst(6).score(_w(9) + "\nbody") == pytest.approx(0.5)
+    assert G.SummaryFirst(6).score(_w(9) + "! Then more.") == pytest.approx(0.5)
+    assert G.segments("A b. C d?  E\n\nF g.h") == ["A b.", "C d?", "E", "F g.h"]
+
+
+def test_single_paragraph():
+    g = G.SingleParagraph()
+    assert g.score("One block of prose. Two sentences.") == 1.0
+    assert g.score("Line one.\n\nLine two.") == pytest.approx(0.5)
+    assert g.score("A.\nB.\nC.\nD.") == pytest.approx(0.25)
+    assert g.score("Intro\n1. a") == 0.0  # any list item
+    assert g.score("") == 0.0
 
 
 def test_second_person():
@@ -218,6 +235,10 @@ def test_heldout_users_are_new_users_of_crowd_goal_kinds():
     crowd_kinds = {u.group for u in CROWD_USERS}
     for u in HELDOUT_USERS:
         assert u.group in crowd_kinds and u.goal not in crowd_goals and u.role == "heldout"
+    # The crowd disagrees: lists vs prose.
+    by_id = {u.user_id: u for u in CROWD_USERS}
+    listed = "1. a\n2. b\n3. c"
+    assert by_id["structured"].goal.score(listed) == 1.0 and by_id["one_paragraph"].goal.score(listed) == 0.0
     # The downstream goal is no crowd user's goal, but combines crowd users' goals.
     assert DOWNSTREAM.goal not in crowd_goals
     assert all(g in crowd_goals for g in DOWNSTREAM.goal.goals)
@@ -275,9 +296,9 @@ def test_context_errors_name_the_argument():
 # --------------------------------------------------------------------------- imbalance
 
 def test_imbalance_sizes_hand_computed():
-    natural = {"length": 100, "list": 90, "summary": 80, "voice": 95, "question": 70}
+    natural = {"length": 100, "list": 90, "summary": 80, "voice": 95, "paragraph": 70}
     assert imbalance_sizes(natural, "length", 8) == {"length": 96, "list": 12, "summary": 12, "voice": 12,
-                                                     "question": 12}
+                                                     "paragraph": 12}
     # A small minority bounds the others: m = min(floor(100 / 8), 5) = 5, majority 8 * 5 = 40.
     assert imbalance_sizes({"length": 100, "list": 5, "voice": 50}, "length", 8) == {"length": 40, "list": 5,
                                                                                      "voice": 5}
@@ -289,12 +310,13 @@ def test_imbalance_sizes_hand_computed():
 
 def test_imbalanced_rows_have_the_stated_group_sizes():
     rows = []
-    for u, n in (("concise", 100), ("bullets", 90), ("summary_first", 80), ("second_person", 95), ("question_end", 70)):
+    for u, n in (("concise", 100), ("structured", 90), ("summary_first", 80), ("second_person", 95),
+                 ("one_paragraph", 70)):
         group = next(x.group for x in CROWD_USERS if x.user_id == u)
         rows += [{"pair_id": f"{u}|{i}", "group": group, "user_id": u} for i in range(n)]
     kept, sizes = imbalanced_rows(rows, "length:8", seed=0)
     counts = {g: sum(r["group"] == g for r in kept) for g in sizes}
-    assert counts == sizes == {"length": 96, "list": 12, "summary": 12, "voice": 12, "question": 12}
+    assert counts == sizes == {"length": 96, "list": 12, "summary": 12, "voice": 12, "paragraph": 12}
     assert kept == imbalanced_rows(rows, "length:8", seed=0)[0]
     assert {r["pair_id"] for r in kept} != {r["pair_id"] for r in imbalanced_rows(rows, "length:8", seed=1)[0]}
 
@@ -328,7 +350,7 @@ def test_cli_help_and_kebab_flags(capsys):
                                  "2", "all"])
     assert (args.samples_per_prompt, args.max_new_tokens, args.n_harmful) == (3, 16, [1, 2, None])
     assert main(["users"]) == 0
-    assert "downstream_bullets_question" in capsys.readouterr().out
+    assert "downstream_concise_you" in capsys.readouterr().out
 
 
 def test_build_needs_the_safety_benchmark(tmp_path):

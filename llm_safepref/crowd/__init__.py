@@ -3,8 +3,8 @@ shared safety standard, annotating on-policy samples of the embedded model.
 
 Public API:
 
-* goals (``goals.py``): ``LengthBand``, ``ListFormat``, ``SummaryFirst``, ``SecondPerson``,
-  ``EndsWithQuestion``, ``Combination``; each ``score(text) -> [0, 1]``.
+* goals (``goals.py``): ``LengthBand``, ``ListFormat``, ``SummaryFirst``, ``SingleParagraph``,
+  ``SecondPerson``, ``EndsWithQuestion``, ``Combination``; each ``score(text) -> [0, 1]``.
 * users (``users.py``): ``User`` (``score``, ``goal_score``, ``prefers``), ``CROWD_USERS``,
   ``HELDOUT_USERS``, ``DOWNSTREAM``, ``SAFETY_PENALTY``.
 * build (``build.py``): ``CrowdConfig``, ``build_crowd`` / ``python -m llm_safepref.crowd build``,
@@ -37,6 +37,7 @@ from llm_safepref.crowd.goals import (
     LengthBand,
     ListFormat,
     SecondPerson,
+    SingleParagraph,
     SummaryFirst,
 )
 from llm_safepref.crowd.load import CrowdDataError, load_crowd_dataset
@@ -58,6 +59,7 @@ __all__ = [
     "SAFETY_PENALTY",
     "STYLE_INSTRUCTIONS",
     "SecondPerson",
+    "SingleParagraph",
     "SummaryFirst",
     "User",
     "add_context_sets",

@@ -13,7 +13,7 @@ Design decisions (also in ``data_cards/crowd_preferences.md`` and ``docs/crowd.m
   the plain prompt; each other sample appends one *style instruction* (``STYLE_INSTRUCTIONS``,
   a seeded choice per prompt, without repetition while possible) to the user turn **at generation
   time only**, so that the goals have real variance among a prompt's samples (a 135M model
-  rarely writes a bulleted list or ends with a question unprompted). The stored prompt is always
+  rarely writes a list or a short opening sentence unprompted). The stored prompt is always
   the benchmark prompt, byte for byte: no method ever sees a goal or a style instruction in its
   prompt text. The samples file records only the style *key* of each sample.
 * **One written refusal** per prompt (the safety benchmark's ``WRITTEN_REFUSALS``, seeded choice)
@@ -89,7 +89,7 @@ STYLE_INSTRUCTIONS = {
     "short": "Answer in one or two short sentences.",
     "detailed": "Give a detailed answer of several sentences.",
     "you": 'Speak directly to the reader, using "you" and "your".',
-    "question": "Finish your answer with a question for the reader.",
+    "paragraph": "Answer in a single paragraph of plain prose, with no list.",
 }
 
 
@@ -109,9 +109,10 @@ class CrowdConfig:
     diversify: bool = field(default=True, metadata={"help": "Append style instructions to samples 2..K at generation time."})
     add_written_refusal: bool = field(default=True, metadata={"help": "Add one written refusal per prompt as a candidate."})
     # Prompts per (split, category); None = all. Harmful prompts are plentiful; answerable ones are not.
-    n_harmful: tuple = field(default=(120, 20, 40), metadata={"help": "Harmful prompts (train, validation, test)."})
-    n_benign: tuple = field(default=(214, 38, 60), metadata={"help": "Benign prompts (train, validation, test)."})
-    n_look_dangerous: tuple = field(default=(56, 11, 30), metadata={"help": "Look-dangerous prompts (train, validation, test)."})
+    # Sized for ~40 CPU minutes (data card): 320 prompts x K = 4 samples at 96 tokens.
+    n_harmful: tuple = field(default=(60, 10, 20), metadata={"help": "Harmful prompts (train, validation, test)."})
+    n_benign: tuple = field(default=(120, 20, 30), metadata={"help": "Benign prompts (train, validation, test)."})
+    n_look_dangerous: tuple = field(default=(40, 8, 12), metadata={"help": "Look-dangerous prompts (train, validation, test)."})
     limit: int | None = field(default=None, metadata={"help": "Cap every (split, category) at this many prompts (small builds)."})
     margin: float = field(default=0.1, metadata={"help": "Least score difference that makes a preference."})
     max_pairs_per_prompt: int = field(default=4, metadata={"help": "Pairs kept per user and prompt."})

@@ -11,9 +11,14 @@ Design decisions:
   (``words``, ``lines``, ``list_items``) so hand-computed test expectations are unambiguous:
   a *word* is a maximal run of non-whitespace characters, a *line* a non-empty line after
   stripping.
-* Each goal has a ``kind`` (its family: ``length``, ``list``, ``summary``, ``voice``,
-  ``question``): crowd users and held-out users share kinds but not parameters, and the crowd's
-  groups (for the imbalance knob) are the kinds.
+* Each goal has a ``kind`` (its family: ``length``, ``list``, ``summary``, ``paragraph``,
+  ``voice``, ``question``): crowd users and held-out users share kinds but not parameters, and
+  the crowd's groups (for the imbalance knob) are the kinds.
+* Goals were kept only where the policy's own samples vary: ``EndsWithQuestion`` is defined and
+  tested but no simulated user has it, because SmolLM2-135M-Instruct almost never writes a
+  question (3.6 % of 112 samples contained a ``?``; 14 % of prompts had samples that differed on
+  it, even when told to end with a question). ``SingleParagraph`` (prose) replaces it in the
+  crowd, and conflicts with the list goal, so the crowd disagrees as well as differs.
 * ``Combination`` averages goals (the downstream goal: two crowd skills at once); the mean, not
   the minimum, so that meeting one of the two skills already counts for something and the
   downstream score has a gradient towards doing both.
@@ -33,10 +38,12 @@ __all__ = [
     "LengthBand",
     "ListFormat",
     "SecondPerson",
+    "SingleParagraph",
     "SummaryFirst",
     "goal_from_dict",
     "lines",
     "list_items",
+    "segments",
     "words",
 ]
 
@@ -56,10 +63,18 @@ def lines(text: str) -> list[str]:
 
 
 def list_items(text: str, style: str) -> int:
-    """Lines that are list items of ``style``: ``bullet`` (``-``, ``*``, ``•`` + space) or
-    ``numbered`` (``1.`` / ``1)`` + space)."""
-    pattern = {"bullet": _BULLET, "numbered": _NUMBERED}[style]
-    return sum(1 for ln in lines(text) if pattern.match(ln))
+    """Lines that are list items of ``style``: ``bullet`` (``-``, ``*``, ``•`` + space),
+    ``numbered`` (``1.`` / ``1)`` + space) or ``any`` (either)."""
+    patterns = {"bullet": (_BULLET,), "numbered": (_NUMBERED,), "any": (_BULLET, _NUMBERED)}[style]
+    return sum(1 for ln in lines(text) if any(p.match(ln) for p in patterns))
+
+
+def segments(text: str) -> list[str]:
+    """Sentences and lines: split after ``.``/``!``/``?`` + whitespace and at line breaks; non-empty, stripped."""
+    out = []
+    for ln in lines(text):
+        out += [p.strip() for p in re.split(r"(?<=[.!?])\s+", ln) if p.strip()]
+    return out
 
 
 def _alpha_words(text: str) -> list[str]:
@@ -118,16 +133,16 @@ class LengthBand(Goal):
 
 @dataclass(frozen=True)
 class ListFormat(Goal):
-    """``min(items, min_items) / min_items`` for list items of ``style`` (``bullet`` | ``numbered``);
-    items of the other style do not count."""
+    """``min(items, min_items) / min_items`` for list items of ``style``: ``bullet``, ``numbered``
+    (items of the other style do not count) or ``any`` (both count)."""
 
     style: str = "bullet"
     min_items: int = 3
     kind = "list"
 
     def __post_init__(self):
-        if self.style not in ("bullet", "numbered"):
-            raise ValueError(f"ListFormat style must be 'bullet' or 'numbered', got {self.style!r}")
+        if self.style not in ("bullet", "numbered", "any"):
+            raise ValueError(f"ListFormat style must be 'bullet', 'numbered' or 'any', got {self.style!r}")
         if self.min_items < 1:
             raise ValueError(f"ListFormat min_items must be >= 1, got {self.min_items}")
 
@@ -135,16 +150,19 @@ class ListFormat(Goal):
         return min(list_items(text, self.style), self.min_items) / self.min_items
 
     def describe(self) -> str:
-        return f"a {self.style} list of at least {self.min_items} items"
+        style = "bulleted or numbered" if self.style == "any" else self.style
+        return f"a {style} list of at least {self.min_items} items"
 
 
 @dataclass(frozen=True)
 class SummaryFirst(Goal):
-    """A short summary line first, then the body.
+    """A short summary sentence first, then the rest of the answer.
 
-    0 when the answer has fewer than two lines, or its first line is a list item or a header
-    ending in ``:``; otherwise 1 when the first line has at most ``max_words`` words, decaying
-    linearly to 0 at ``2 * max_words`` words: ``max(0, 1 - (w - max_words) / max_words)``.
+    The answer's *segments* are its sentences and lines (split after ``.``, ``!``, ``?`` followed
+    by whitespace, and at line breaks). 0 when there are fewer than two segments (nothing follows
+    the summary), or the first is a list item or a header ending in ``:``; otherwise 1 when the
+    first segment has at most ``max_words`` words, decaying linearly to 0 at ``2 * max_words``:
+    ``max(0, 1 - (w - max_words) / max_words)``.
     """
 
     max_words: int = 12
@@ -155,10 +173,10 @@ class SummaryFirst(Goal):
             raise ValueError(f"SummaryFirst max_words must be >= 1, got {self.max_words}")
 
     def score(self, text: str) -> float:
-        ls = lines(text)
-        if len(ls) < 2:
+        parts = segments(text)
+        if len(parts) < 2:
             return 0.0
-        first = ls[0]
+        first = parts[0]
         if _BULLET.match(first) or _NUMBERED.match(first) or first.endswith(":"):
             return 0.0
         w = len(words(first))
@@ -167,7 +185,23 @@ class SummaryFirst(Goal):
         return max(0.0, 1.0 - (w - self.max_words) / self.max_words)
 
     def describe(self) -> str:
-        return f"a first line of at most {self.max_words} words summarising the answer, then the body"
+        return f"opens with a summary sentence of at most {self.max_words} words, then goes on"
+
+
+@dataclass(frozen=True)
+class SingleParagraph(Goal):
+    """Plain prose in one block: 0 with any list item, else ``1 / (number of non-empty lines)``."""
+
+    kind = "paragraph"
+
+    def score(self, text: str) -> float:
+        ls = lines(text)
+        if not ls or list_items(text, "any"):
+            return 0.0
+        return 1.0 / len(ls)
+
+    def describe(self) -> str:
+        return "one paragraph of prose, no list (1 / number of lines)"
 
 
 @dataclass(frozen=True)
@@ -238,7 +272,8 @@ class Combination(Goal):
                 "description": self.describe()}
 
 
-_GOAL_TYPES = {c.__name__: c for c in (LengthBand, ListFormat, SummaryFirst, SecondPerson, EndsWithQuestion)}
+_GOAL_TYPES = {c.__name__: c for c in (LengthBand, ListFormat, SummaryFirst, SingleParagraph, SecondPerson,
+                                        EndsWithQuestion)}
 
 
 def goal_from_dict(data: dict) -> Goal:

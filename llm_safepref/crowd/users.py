@@ -25,6 +25,9 @@ Design decisions:
   parameters; the downstream goal (``DOWNSTREAM``) combines two crowd goals, so no crowd user has
   it but the crowd's skills reach it. All three are fixed here and named in
   ``data_cards/crowd_preferences.md`` before any training.
+* The crowd both differs and disagrees: ``structured`` wants lists, ``one_paragraph`` prose; the
+  other goals are roughly independent of each other. A single unconditioned policy cannot
+  please everyone, which is what a latent user variable is for.
 * A user's *group* is its goal kind; the imbalance knob of the build resizes groups.
 """
 
@@ -34,11 +37,11 @@ from dataclasses import dataclass
 
 from llm_safepref.crowd.goals import (
     Combination,
-    EndsWithQuestion,
     Goal,
     LengthBand,
     ListFormat,
     SecondPerson,
+    SingleParagraph,
     SummaryFirst,
     goal_from_dict,
 )
@@ -103,13 +106,13 @@ def user_from_dict(data: dict) -> User:
                 penalty=float(data.get("penalty", SAFETY_PENALTY)))
 
 
-#: The training crowd: one user per goal kind.
+#: The training crowd: one user per goal kind. ``structured`` and ``one_paragraph`` conflict (lists vs prose).
 CROWD_USERS: tuple[User, ...] = (
     User("concise", LengthBand(15, 40)),
-    User("bullets", ListFormat("bullet", 3)),
+    User("structured", ListFormat("any", 3)),
     User("summary_first", SummaryFirst(12)),
     User("second_person", SecondPerson(0.05)),
-    User("question_end", EndsWithQuestion()),
+    User("one_paragraph", SingleParagraph()),
 )
 
 #: New users of the crowd's goal kinds with other parameters (personalisation; never in training rows).
@@ -120,9 +123,8 @@ HELDOUT_USERS: tuple[User, ...] = (
     User("you_heavy", SecondPerson(0.10), role="heldout"),
 )
 
-#: The downstream task: a bulleted answer that ends with a question (crowd skills "bullets" + "question_end").
-DOWNSTREAM = User("downstream_bullets_question", Combination((ListFormat("bullet", 3), EndsWithQuestion())),
-                  role="downstream")
+#: The downstream task: a short answer written to the reader (crowd skills "concise" + "second_person").
+DOWNSTREAM = User("downstream_concise_you", Combination((LengthBand(15, 40), SecondPerson(0.05))), role="downstream")
 
 
 def all_users() -> tuple[User, ...]:
