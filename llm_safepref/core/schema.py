@@ -47,6 +47,13 @@ class Metric:
     REWARDS_MARGIN = "rewards/margins"
     LOGPS_CHOSEN = "logps/chosen"
     LOGPS_REJECTED = "logps/rejected"
+    # TRL's own DPO metrics, kept by the trainer base under TRL's names.
+    LOGITS_CHOSEN = "logits/chosen"
+    LOGITS_REJECTED = "logits/rejected"
+    ENTROPY = "entropy"
+    MEAN_TOKEN_ACCURACY = "mean_token_accuracy"
+    NUM_TOKENS = "num_tokens"
+    AUX_LOSS = "aux_loss"
     KL_WEIGHT = "latent/kl_weight"
     LATENT_KL = "latent/kl"
     EVAL_REWARD = "eval/reward"

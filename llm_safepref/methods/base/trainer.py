@@ -63,7 +63,7 @@ from trl.trainer.utils import use_adapter
 
 from llm_safepref.core.provenance import write_json
 from llm_safepref.core.schema import Metric
-from llm_safepref.data_checks import warn_dropped_rows
+from llm_safepref.data_checks import is_label, warn_dropped_rows
 from llm_safepref.methods.base.callback import LagrangeCallback
 from llm_safepref.methods.base.config import LabelledPreferenceConfig
 from llm_safepref.methods.base.metrics import CONSTRAINT_SUM, CONSTRAINT_WEIGHT, NUM_TOKENS, BatchSums
@@ -79,11 +79,6 @@ _TRL_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logp
 # Temporary column that tells which raw rows survived TRL's length filter.
 _ROW_COLUMN = "__llm_safepref_row"
 _MULTIPLIER_FIELDS = ("nu_init", "nu_lr", "nu_max")
-
-
-def _is_bool(value: Any) -> bool:
-    # bool and numpy.bool_ (datasets may hand either back); ints are not booleans here.
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
 @dataclass
@@ -112,7 +107,7 @@ class LabelledPreferenceCollator(DataCollatorForPreference):
 
     def collate_label(self, column: str, values: list[Any]) -> torch.Tensor:
         """One label column of the batch as a ``(B, ...)`` tensor."""
-        if all(_is_bool(v) for v in values):
+        if all(is_label(v) for v in values):
             return torch.tensor([bool(v) for v in values], dtype=torch.bool)
         if isinstance(values[0], torch.Tensor):
             return torch.stack(values)
@@ -494,7 +489,7 @@ class LabelledPreferenceTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             aux_loss = outputs.aux_loss
             loss = loss + self.router_aux_loss_coef * aux_loss
-            sums.ratio("aux_loss", aux_loss, 1.0)
+            sums.ratio(Metric.AUX_LOSS, aux_loss, 1.0)
         self._pair_metrics(pair, sums, model_inputs)
         self._record(mode, sums)
         if return_outputs:
@@ -520,16 +515,16 @@ class LabelledPreferenceTrainer(DPOTrainer):
         seq_len = mask.size(1)
         chosen_mask = mask.chunk(2)[0]
         if getattr(outputs, "entropy", None) is not None:
-            sums.ratio("entropy", (outputs.entropy[:, -seq_len:].detach() * mask).sum(), mask.sum())
+            sums.ratio(Metric.ENTROPY, (outputs.entropy[:, -seq_len:].detach() * mask).sum(), mask.sum())
         if getattr(outputs, "mean_logits", None) is not None:
             # Per-token fields are 0 outside the completion, so masked sums need no boolean indexing (no sync).
             chosen_logits, rejected_logits = (outputs.mean_logits[:, -seq_len:].detach() * mask).chunk(2)
             rejected_mask = mask.chunk(2)[1]
-            sums.ratio("logits/chosen", chosen_logits.sum(), chosen_mask.sum())
-            sums.ratio("logits/rejected", rejected_logits.sum(), rejected_mask.sum())
+            sums.ratio(Metric.LOGITS_CHOSEN, chosen_logits.sum(), chosen_mask.sum())
+            sums.ratio(Metric.LOGITS_REJECTED, rejected_logits.sum(), rejected_mask.sum())
         if getattr(outputs, "is_top1", None) is not None:
             chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2)[0] & chosen_mask.bool()
-            sums.ratio("mean_token_accuracy", chosen_top1.sum(), chosen_mask.sum())
+            sums.ratio(Metric.MEAN_TOKEN_ACCURACY, chosen_top1.sum(), chosen_mask.sum())
         if "attention_mask" in model_inputs:
             sums.raw(NUM_TOKENS, model_inputs["attention_mask"].sum())
 
