@@ -526,3 +526,16 @@ def test_data_cli_help_and_flag_spellings():
     kebab = build_parser().parse_args(["build", "--max-minutes", "3", "--n-onpolicy-heldout", "2", "--batch-size", "4"])
     snake = build_parser().parse_args(["build", "--max_minutes", "3", "--n_onpolicy_heldout", "2", "--batch_size", "4"])
     assert kebab == snake and snake.max_minutes == 3.0 and snake.n_onpolicy_heldout == 2 and snake.batch_size == 4
+
+
+def test_a_build_cut_by_the_time_guard_says_so_and_how_to_complete_it(tiny_model_path, tmp_path):
+    """A loaded machine can hit the wall-clock guard: the build must not shrink silently."""
+    from fixtures.small_benchmark import SMALL_CONFIG
+
+    from llm_safepref.data import BuildConfig, build_benchmark
+
+    # max_minutes 2.5 puts the sampling deadline at the start (2.5 min are kept for judging and writing).
+    cfg = BuildConfig(model=str(tiny_model_path), **{**SMALL_CONFIG, "max_minutes": 2.5})
+    with pytest.warns(UserWarning, match="guard.*--reuse_samples"):
+        out = build_benchmark(cfg, tmp_path / "cut", force=True)
+    assert json.loads((out / "manifest.json").read_text())["truncated"] is True

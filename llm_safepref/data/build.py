@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -506,6 +507,15 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     _log(f"done: {counts['pairs']} pairs -> {out}", t0)
+    if manifest["truncated"]:
+        short = {k: f"{sum(1 for s in samples if s['kind'] == k)}/{n}" for k, n in expected.items()}
+        warnings.warn(
+            f"benchmark build stopped sampling at the {cfg.max_minutes}-minute guard (a loaded machine): on-policy "
+            f"samples per kind {short}, so fewer held-out pairs than a full build. Complete it without resampling: "
+            f"cp {out}/onpolicy_responses.jsonl /tmp/samples.jsonl && python -m llm_safepref.data build --force "
+            f"--reuse_samples /tmp/samples.jsonl --max_minutes 60",
+            UserWarning, stacklevel=2,
+        )
     return out
 
 
