@@ -514,3 +514,15 @@ def test_small_build_loader(small_crowd):
     assert conv[0]["chosen"][0]["role"] == "assistant"
     with pytest.raises(ValueError, match="held out"):
         load_crowd_dataset(str(out), split="train", users="heldout")
+
+
+def test_small_build_is_deterministic(small_crowd, tiny_model_path, tmp_path):
+    from llm_safepref.crowd import build_crowd
+
+    bench, out = small_crowd
+    cfg = CrowdConfig(model=str(tiny_model_path), benchmark=str(bench), samples_per_prompt=3, max_new_tokens=8,
+                      limit=3, batch_size=8, imbalance="list:2", max_minutes=10)
+    again = build_crowd(cfg, tmp_path / "again", force=True)
+    for name in ("samples.jsonl", "crowd_train.jsonl", "crowd_train_imbalanced.jsonl", "heldout_test.jsonl",
+                 "pools.json"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
