@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from llm_safepref._runtime import offline_defaults  # noqa: E402
 from llm_safepref.core.cli import ToolParser  # noqa: E402  (torch-and-numpy core only)
 from llm_safepref.core.provenance import run_record, write_json  # noqa: E402
 from llm_safepref.core.tables import markdown_table, text_table  # noqa: E402
@@ -300,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    offline_defaults()
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -6,9 +6,9 @@ Flags follow the toolkit's convention (``llm_safepref.core.cli.ToolParser``): ``
 
 from __future__ import annotations
 
-import os
 import sys
 
+from llm_safepref._runtime import offline_defaults
 from llm_safepref.core.cli import ToolParser
 
 
@@ -37,9 +37,7 @@ def build_parser() -> ToolParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     args = build_parser().parse_args(argv)
     from llm_safepref.data.build import BuildConfig, build_benchmark
 

@@ -23,7 +23,7 @@ Modules: :mod:`.arguments` (``RecipeArguments``, defaults files, parser), :mod:`
 
 from __future__ import annotations
 
-import importlib
+from llm_safepref._runtime import lazy_exports
 
 #: Public names, loaded on first use (``import llm_safepref.recipes`` imports no TRL): name -> module.
 _LAZY = {
@@ -38,14 +38,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'llm_safepref.recipes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
