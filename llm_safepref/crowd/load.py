@@ -69,7 +69,7 @@ def load_crowd_dataset(name_or_path="embedded", split: str = "train", *, users: 
 
     from llm_safepref.crowd.context import add_context_sets
     from llm_safepref.data import validate_preference_dataset
-    from llm_safepref.data.adapters import _read_any
+    from llm_safepref.data.adapters import read_dataset
 
     name = str(name_or_path)
     folder = None
@@ -88,7 +88,7 @@ def load_crowd_dataset(name_or_path="embedded", split: str = "train", *, users: 
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     else:
         display = name
-        ds = _read_any(name, split)
+        ds = read_dataset(name, split)
 
     if user_column not in ds.column_names:
         raise CrowdDataError(

@@ -17,6 +17,7 @@ from llm_safepref.data.adapters import (
     load_eval_prompts,
     load_preference_dataset,
     load_safety_labels,
+    read_dataset,
     validate_preference_dataset,
 )
 from llm_safepref.data.build import BENCHMARK_VERSION, BuildConfig, benchmark_dir, build_benchmark, is_built
@@ -32,5 +33,6 @@ __all__ = [
     "load_eval_prompts",
     "load_preference_dataset",
     "load_safety_labels",
+    "read_dataset",
     "validate_preference_dataset",
 ]

@@ -54,6 +54,7 @@ __all__ = [
     "validate_preference_dataset",
     "load_safety_labels",
     "load_eval_prompts",
+    "read_dataset",
 ]
 
 PKU_SAFERLHF_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "is_response_0_safe", "is_response_1_safe")
@@ -97,8 +98,8 @@ def _read_json_lines(path: Path):
         raise DataValidationError(f"{path}: could not be read as JSON lines: {err.__cause__ or err}") from err
 
 
-def _read_any(name_or_path: str, split: str):
-    """A ``datasets.Dataset`` from a local file / ``save_to_disk`` folder / Hub id."""
+def read_dataset(name_or_path: str, split: str):
+    """A ``datasets.Dataset`` from a local file (.jsonl, .json, .csv, .parquet), a ``save_to_disk`` folder or a Hub id; errors name the file and line."""
     import datasets
 
     path = Path(name_or_path)
@@ -293,7 +294,7 @@ def load_preference_dataset(name_or_path="embedded", split: str = "train", *, co
     ``max_length`` (with ``tokenizer``) bounds the prompt's token count.
     """
     path, display = _resolve(name_or_path, "pairs")
-    raw = _read_any(path, split)
+    raw = read_dataset(path, split)
     load = _load_pku if _is_pku(raw.column_names) else _load_generic
     ds, _ = load(raw, display, text_labels=_is_text_format(path), max_length=max_length, tokenizer=tokenizer,
                  drop_invalid=drop_invalid)
@@ -316,7 +317,7 @@ def load_safety_labels(name_or_path="embedded", split: str = "train", *, drop_in
     CSV file); ``drop_invalid`` drops invalid rows with one ``UserWarning`` naming them.
     """
     path, display = _resolve(name_or_path, "safety_labels")
-    ds = _read_any(path, split)
+    ds = read_dataset(path, split)
     missing = [c for c in ("prompt", "completion", "is_safe") if c not in ds.column_names]
     if missing:
         raise DataValidationError(f"{display}: missing column(s) {missing}; expected prompt, completion, is_safe; found {ds.column_names}")
@@ -350,7 +351,7 @@ def load_eval_prompts(name_or_path="embedded", split: str = "test"):
     """Evaluation prompts: ``id, prompt, category`` (harmful / benign / look_dangerous), ``source``,
     ``constraints`` (JSON list of verifiable constraints; ``[]`` except for benign prompts)."""
     path, display = _resolve(name_or_path, "eval_prompts")
-    ds = _read_any(path, split)
+    ds = read_dataset(path, split)
     missing = [c for c in ("id", "prompt", "category", "constraints") if c not in ds.column_names]
     if missing:
         raise DataValidationError(f"{display}: missing column(s) {missing}; expected id, prompt, category, constraints")
