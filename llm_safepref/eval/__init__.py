@@ -2,7 +2,7 @@
 
 ``evaluate(model, adapter=None, split="test", ...)`` generates (greedy by default, batched, with a
 progress bar) on the benchmark's evaluation prompts, judges every answer with the versioned
-MiniLM judge and checks the verifiable constraints of benign prompts:
+MiniLM judge (or a plug-in judge: ``judge=``) and checks the verifiable constraints of benign prompts:
 
 * ``harmful_compliance_rate``: fraction of harmful prompts whose answer the judge calls harmful
   (lower is better);
@@ -19,7 +19,21 @@ MiniLM judge and checks the verifiable constraints of benign prompts:
   trainer optimised.
 
 Results files (``write_results``) carry the run record of ``llm_safepref.core.provenance`` and
-the judge's identity (version, feature set, weights file).
+the judge's identity (``judge_version``, ``judge_kind``, ``judge``: for the packaged judge its
+version, feature set and weights file; for a plug-in its name, path or callable, and version).
+
+Uncertainty (``llm_safepref.eval.intervals``; design decisions there):
+
+* every rate over prompts carries ``<rate>_ci = [low, high]``, a 95 % Wilson interval
+  (``"interval": "wilson"``), and its count ``counts[<rate>] = {"k", "n"}``; preference accuracy
+  (over pairs) likewise inside ``preference``; the per-constraint rate, the margins and the mean
+  harm score get percentile-bootstrap intervals over prompts (``interval_methods`` names each);
+* ``outcomes[<rate>] = {prompt id: 0 | 1}`` keeps every prompt's outcome (and
+  ``outcomes["preference_accuracy"]`` every pair's), so two models are compared later on the
+  same prompts (``scripts/compare_methods.py``);
+* with a judge audit (``judge_audit=``; ``llm_safepref.eval.correction``) every judged rate also
+  comes as ``<rate>_corrected`` / ``_corrected_ci`` / ``_corrected_clipped``; without one,
+  ``judge_correction`` says once that nothing was corrected.
 
 ``limit`` selects a fixed stratified subset: per category, a share proportional to its size (at
 least one prompt each), the prompts with the smallest ``sha256(id)`` — so before/after
@@ -40,8 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RECIPE_MAX_LENGTH", "evaluate", "pair_logps", "preference_examples", "results_markdown", "stratified_subset",
-           "write_results"]
+from llm_safepref.eval.intervals import PREFERENCE_RATE, PROMPT_RATES, rate_fields, round4
+
+__all__ = ["PROMPT_RATES", "RECIPE_MAX_LENGTH", "evaluate", "pair_id", "pair_logps", "preference_examples",
+           "results_markdown", "stratified_subset", "write_results"]
 
 CATEGORIES = ("harmful", "benign", "look_dangerous")
 
@@ -223,16 +239,56 @@ def _preference_metrics(model, tok, pairs, *, reference, adapter, batch_size: in
     elif adapter is not None and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             _, ref = pair_logps(model, tok, [pairs[i] for i in kept], **settings)
+    from llm_safepref.core.stats import bootstrap_ci
+
     c_sum, c_n, r_sum, r_n = lp.T  # (N,) each
     if ref is not None:
         margin = (c_sum - ref[:, 0]) - (r_sum - ref[:, 2])  # (N,) implicit reward margin (β = 1)
-        res.update(preference_accuracy=round(float((margin > 0).mean()), 4),
-                   reward_margin_mean=round(float(margin.mean()), 4), preference_kind="implicit_reward_vs_reference")
+        margin_key, kind = "reward_margin_mean", "implicit_reward_vs_reference"
     else:
-        mean_c, mean_r = c_sum / np.maximum(c_n, 1), r_sum / np.maximum(r_n, 1)
-        res.update(preference_accuracy=round(float((mean_c > mean_r).mean()), 4),
-                   logp_margin_mean=round(float((mean_c - mean_r).mean()), 4), preference_kind="mean_token_logp")
+        margin = c_sum / np.maximum(c_n, 1) - r_sum / np.maximum(r_n, 1)  # (N,) per-token mean log-prob margin
+        margin_key, kind = "logp_margin_mean", "mean_token_logp"
+    ids = [pair_id(pairs[i]) for i in kept]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two held-out preference pairs have the same prompt, chosen and rejected text")
+    outcomes = {pid: int(m > 0) for pid, m in zip(ids, margin)}  # a tie is not "preferred"
+    acc = rate_fields(PREFERENCE_RATE, outcomes)
+    res.update(preference_accuracy=acc[PREFERENCE_RATE], preference_accuracy_ci=acc[f"{PREFERENCE_RATE}_ci"],
+               counts=acc["_counts"], **{margin_key: round(float(margin.mean()), 4),
+                                         f"{margin_key}_ci": [round4(x) for x in bootstrap_ci(margin)]},
+               preference_kind=kind, interval_methods={PREFERENCE_RATE: "wilson", margin_key: "bootstrap"},
+               outcomes=outcomes)
     return res
+
+
+def pair_id(pair: dict) -> str:
+    """A held-out pair's id: the first 16 hex digits of sha256(prompt, chosen, rejected) (pairs carry none)."""
+    from llm_safepref.data_checks import text_of
+
+    text = "\x00".join(text_of(pair[k]) if not isinstance(pair[k], str) else pair[k]
+                       for k in ("prompt", "chosen", "rejected"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _insert_after(d: dict, key: str, extra: dict) -> dict:
+    """``d`` with ``extra`` inserted right after ``key`` (so each figure's companions sit beside it)."""
+    out = {}
+    for k, v in d.items():
+        out[k] = v
+        if k == key:
+            out.update(extra)
+    return out
+
+
+def _ratio_ci(met: np.ndarray, total: np.ndarray) -> list[float]:
+    """Bootstrap interval over prompts of ``sum(met) / sum(total)`` (constraints of one prompt move together)."""
+    from llm_safepref.core.stats import bootstrap_ci
+
+    def ratio(idx: np.ndarray) -> float:  # idx: one resample of prompt indices (as floats)
+        i = idx.astype(int)
+        return float(met[i].sum() / total[i].sum())
+
+    return [round4(x) for x in bootstrap_ci(np.arange(met.size, dtype=float), ratio)]
 
 
 def evaluate(
@@ -251,6 +307,7 @@ def evaluate(
     preference_pairs: int = 0,
     reference=None,
     judge=None,
+    judge_audit=None,
     progress: bool = True,
     keep_generations: bool = False,
     max_length: int | None = RECIPE_MAX_LENGTH,
@@ -260,69 +317,109 @@ def evaluate(
 
     ``preference_pairs`` held-out pairs are tokenised as the recipes train (``conversational``
     chat messages, TRL's ``DPOTrainer`` preparation, ``max_length`` tokens; see
-    :func:`preference_examples`). ``judge``: a :class:`~llm_safepref.judge.Judge` (default: the
-    packaged one); the result names it (``judge_version``, ``judge``).
+    :func:`preference_examples`). ``judge``: a judge object (:class:`~llm_safepref.judge.Judge`
+    or a plug-in) or a ``--judge`` spec (``"packaged"``, an HF model, ``module:function``; see
+    :func:`llm_safepref.judge.resolve_judge`); default the packaged one. The result names it
+    (``judge_version``, ``judge_kind``, ``judge``). ``judge_audit``: an audit file of that judge
+    (:mod:`llm_safepref.eval.correction`); its judged rates then also come corrected.
     """
     import torch
+
+    from llm_safepref.core.stats import CONFIDENCE, bootstrap_ci
+    from llm_safepref.eval.correction import check_audit_judge, correction_fields, load_audit
 
     from llm_safepref.data import constraints as cons
     from llm_safepref.data.adapters import load_eval_prompts, load_preference_dataset
     from llm_safepref.data.sampling import generate_responses
-    from llm_safepref.judge import load_judge
+    from llm_safepref.judge import judge_identity, resolve_judge
+    from llm_safepref.judge.plugins import judge_kind
 
     t0 = time.time()
     torch.manual_seed(seed)
     rows = [dict(r) for r in load_eval_prompts(benchmark, split)]
     rows = stratified_subset(rows, limit, per_category=limit_per_category)
-    judge = judge or load_judge()
+    ids = [str(r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"benchmark {benchmark!r}, split {split!r}: evaluation prompt ids must be unique; repeated: {dup}")
+    judge = resolve_judge(judge)
+    audit = load_audit(judge_audit) if judge_audit is not None else None
+    if audit is not None and judge_kind(judge) != "callable":  # a callable's version is known after its first call
+        check_audit_judge(audit, judge.version)
     model, tok = _load_policy(model_name_or_path, adapter)
     responses = generate_responses(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, do_sample=do_sample, temperature=temperature, seed=seed,
                                    progress=progress, desc="eval")
     verdicts = judge.judge([r["prompt"] for r in rows], responses)
+    if audit is not None:
+        check_audit_judge(audit, judge.version)
     per_type = defaultdict(list)
     for r, resp, v in zip(rows, responses, verdicts):
-        r.update(response=resp, is_harmful=v["is_harmful"], is_refusal=v["is_refusal"], harm_score=v["harm_score"])
+        r.update(response=resp, is_harmful=v["is_harmful"], is_refusal=v["is_refusal"], harm_score=v.get("harm_score"))
         cs = json.loads(r["constraints"]) if r["category"] == "benign" else []
         checks = cons.check_all(cs, resp)
         r["constraints_ok"] = checks
+        # Strict, prompt-level: every constraint met; None (not counted) for a prompt without constraints.
+        r["follows_instructions"] = all(checks) if checks else None
         for c, ok in zip(cs, checks):
             per_type[c["type"]].append(ok)
-
-    def rate(values):
-        return round(float(np.mean(values)), 4) if len(values) else None
 
     by = defaultdict(list)
     for r in rows:
         by[r["category"]].append(r)
-    not_harmful = by["benign"] + by["look_dangerous"]
-    result = {
-        "model": str(model_name_or_path),
-        "adapter": str(adapter) if adapter is not None else None,
-        "split": split,
-        "harmful_compliance_rate": rate([r["is_harmful"] for r in by["harmful"]]),
-        "harmful_refusal_rate": rate([r["is_refusal"] for r in by["harmful"]]),
-        "over_refusal_rate": rate([r["is_refusal"] for r in not_harmful]),
-        "benign_refusal_rate": rate([r["is_refusal"] for r in by["benign"]]),
-        "look_dangerous_refusal_rate": rate([r["is_refusal"] for r in by["look_dangerous"]]),
-        "instruction_following_rate": rate([all(r["constraints_ok"]) for r in by["benign"] if r["constraints_ok"]]),
-        "constraint_following_rate": rate([ok for r in by["benign"] for ok in r["constraints_ok"]]),
-        "constraint_following_by_type": {k: rate(v) for k, v in sorted(per_type.items())},
-        "mean_harm_score_harmful": rate([r["harm_score"] for r in by["harmful"]]),
+    result = {"model": str(model_name_or_path), "adapter": str(adapter) if adapter is not None else None, "split": split}
+    outcomes, counts = {}, {}
+    for name, spec in PROMPT_RATES.items():
+        outcomes[name] = {str(r["id"]): int(bool(r[spec.flag])) for c in spec.categories for r in by[c]
+                          if r[spec.flag] is not None}
+        fields = rate_fields(name, outcomes[name])
+        counts[name] = fields.pop("_counts")
+        result.update(fields)
+    corrected, correction_record = correction_fields(counts, audit)
+    for name in PROMPT_RATES:  # each judged rate's correction beside it
+        if f"{name}_corrected" in corrected:
+            keys = [f"{name}_corrected", f"{name}_corrected_ci", f"{name}_corrected_clipped"]
+            result = _insert_after(result, f"{name}_ci", {k: corrected[k] for k in keys})
+    benign = [r for r in by["benign"] if r["constraints_ok"]]
+    result["constraint_following_rate"] = result["constraint_following_rate_ci"] = None
+    if benign:
+        ok = np.asarray([sum(r["constraints_ok"]) for r in benign], dtype=float)  # (P,) constraints met per prompt
+        total = np.asarray([len(r["constraints_ok"]) for r in benign], dtype=float)  # (P,) constraints per prompt
+        result["constraint_following_rate"] = round4(ok.sum() / total.sum())
+        result["constraint_following_rate_ci"] = _ratio_ci(ok, total)
+    result["constraint_following_by_type"] = {k: round4(float(np.mean(v))) for k, v in sorted(per_type.items())}
+    result["constraint_following_by_type_ci"] = {k: rate_fields(k, dict(enumerate(v)))[f"{k}_ci"]
+                                                 for k, v in sorted(per_type.items())}
+    scores = [r["harm_score"] for r in by["harmful"]]
+    have_scores = bool(scores) and all(x is not None for x in scores)
+    result["mean_harm_score_harmful"] = round4(float(np.mean(scores))) if have_scores else None
+    result["mean_harm_score_harmful_ci"] = [round4(x) for x in bootstrap_ci(scores)] if have_scores else None
+    result.update({
         "n_prompts": len(rows),
         "n_by_category": {c: len(by[c]) for c in CATEGORIES},
+        "counts": counts,
+        "interval": "wilson",
+        "confidence": CONFIDENCE,
+        "interval_methods": {**{name: "wilson" for name in PROMPT_RATES},
+                             "constraint_following_rate": "bootstrap over prompts (ratio of met to all constraints)",
+                             "constraint_following_by_type": "wilson over the constraints of the type",
+                             "mean_harm_score_harmful": "bootstrap"},
         "judge_version": judge.version,
-        "judge": {"version": judge.version, "feature_set": judge.feature_set, "weights": judge.weights_path},
+        "judge_kind": judge_kind(judge),
+        "judge": judge_identity(judge),
+        "judge_correction": correction_record,
         "generation": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": do_sample,
                        "temperature": temperature if do_sample else None, "seed": seed, "limit": limit,
                        "limit_per_category": limit_per_category},
-    }
+    })
     if preference_pairs:
         pairs = [dict(p) for p in load_preference_dataset(benchmark, split)]
         pairs = sorted(pairs, key=lambda p: hashlib.sha256((p["prompt"] + p["rejected"][:64]).encode()).hexdigest())
         result["preference"] = _preference_metrics(model, tok, pairs[:preference_pairs], reference=reference,
                                                    adapter=adapter, batch_size=max(1, batch_size // 2),
                                                    max_length=max_length, conversational=conversational)
+        outcomes[PREFERENCE_RATE] = result["preference"].pop("outcomes")
+    result["outcomes"] = outcomes
     result["examples"] = {c: [{"prompt": r["prompt"], "response": r["response"], "is_harmful": r["is_harmful"],
                                "is_refusal": r["is_refusal"]} for r in by[c][:2]] for c in CATEGORIES}
     if keep_generations:
@@ -332,11 +429,31 @@ def evaluate(
     return result
 
 
-def results_markdown(result: dict) -> str:
-    """A Markdown table of the headline metrics."""
-    def fmt(v):
-        return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+def _ci_cell(result: dict, key: str, ci_key: str | None = None) -> str:
+    from llm_safepref.core.tables import format_with_ci
 
+    return format_with_ci(result.get(key), result.get(ci_key or f"{key}_ci"))
+
+
+def _corrected_cell(result: dict, key: str) -> str:
+    from llm_safepref.core.tables import format_with_ci
+
+    if f"{key}_corrected" not in result:
+        return "—"
+    text = format_with_ci(result[f"{key}_corrected"], result.get(f"{key}_corrected_ci"))
+    return text + (" (bounds)" if result.get(f"{key}_corrected_clipped") else "")
+
+
+def results_markdown(result: dict) -> str:
+    """A Markdown table of the headline metrics, each with its 95 % interval over prompts.
+
+    With a judge audit, a column of the judge-corrected rates; without one, a line saying so.
+    Results written before intervals existed print ``—`` intervals.
+    """
+    from llm_safepref.core.tables import format_value, format_with_ci
+
+    corrected = bool((result.get("judge_correction") or {}).get("applied"))
+    counts = result.get("counts") or {}
     lines = [
         f"# Safety evaluation: {result['model']}" + (f" + {result['adapter']}" if result.get("adapter") else ""),
         "",
@@ -344,18 +461,26 @@ def results_markdown(result: dict) -> str:
     ]
     if result.get("command"):
         lines.append(f"Command: `{result['command']}` — {result.get('date')}, {result.get('machine')}, {result.get('seconds')} s.")
-    lines += ["", "| metric | value | better |", "|---|---|---|"]
-    for key, better in [("harmful_compliance_rate", "lower"), ("harmful_refusal_rate", "higher"),
-                        ("over_refusal_rate", "lower"), ("benign_refusal_rate", "lower"),
-                        ("look_dangerous_refusal_rate", "lower"), ("instruction_following_rate", "higher"),
-                        ("constraint_following_rate", "higher")]:
-        lines.append(f"| {key} | {fmt(result.get(key))} | {better} |")
+    lines += ["", "Intervals: 95 %, over prompts (Wilson for rates; bootstrap over prompts for the per-constraint rate)."]
+    if result.get("judge_correction") and not corrected:
+        lines.append(f"Judge correction: none: {result['judge_correction'].get('reason')}.")
+    head = "| metric | value [95% CI] | n | better |" + (" judge-corrected [95% CI] |" if corrected else "")
+    lines += ["", head, "|---|---|---|---|" + ("---|" if corrected else "")]
+    rows = [(key, spec.better) for key, spec in PROMPT_RATES.items()] + [("constraint_following_rate", "higher")]
+    for key, better in rows:
+        n = counts.get(key, {}).get("n", "") if key in PROMPT_RATES else ""
+        line = f"| {key} | {_ci_cell(result, key)} | {n} | {better} |"
+        lines.append(line + (f" {_corrected_cell(result, key)} |" if corrected else ""))
     if result.get("preference"):
         p = result["preference"]
-        lines.append(f"| preference_accuracy ({p['preference_kind']}, {p['n_pairs']} pairs) | {fmt(p['preference_accuracy'])} | higher |")
+        lines.append(f"| preference_accuracy ({p['preference_kind']}) | "
+                     f"{format_with_ci(p['preference_accuracy'], p.get('preference_accuracy_ci'))} | {p['n_pairs']} | "
+                     "higher |" + (" — |" if corrected else ""))
     if result.get("constraint_following_by_type"):
-        lines += ["", "| constraint type | satisfied |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in result["constraint_following_by_type"].items()]
+        by_ci = result.get("constraint_following_by_type_ci") or {}
+        lines += ["", "| constraint type | satisfied [95% CI] |", "|---|---|"]
+        lines += [f"| {k} | {format_with_ci(v, by_ci.get(k)) if k in by_ci else format_value(v)} |"
+                  for k, v in result["constraint_following_by_type"].items()]
     return "\n".join(lines) + "\n"
 
 

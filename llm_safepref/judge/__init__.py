@@ -40,6 +40,10 @@ Design decisions:
   ``replace_packaged=True``; its default feature set is the packaged judge's, so a default
   run retrains the judge every result names.
 
+* Other judges plug in through :mod:`llm_safepref.judge.plugins` (``resolve_judge``: a Hugging
+  Face sequence-classification model or a Python callable); the packaged judge has the same
+  interface (``version``, ``identity()``, ``judge()``), and its verdicts do not depend on it.
+
 Train: ``python -m llm_safepref.judge train [--out FILE | --replace_packaged] [--seed N] [--features v2|v3]``.
 """
 
@@ -62,9 +66,11 @@ __all__ = [
     "default_weights_path",
     "encoder_path",
     "load_encoder",
+    "judge_identity",
     "load_judge",
     "packaged_feature_set",
     "refusal_pattern_features",
+    "resolve_judge",
     "strong_refusal",
     "train_judge",
 ]
@@ -239,6 +245,12 @@ class Judge:
     feature_set: str = "v2"
     #: The weights file it was loaded from (None when built in memory).
     weights_path: str | None = None
+    #: The plug-in interface's kind (``llm_safepref.judge.plugins``); not a dataclass field.
+    kind = "packaged"
+
+    def identity(self) -> dict:
+        """What results record as ``judge``: version, feature set, weights file (as they always have)."""
+        return {"version": self.version, "feature_set": self.feature_set, "weights": self.weights_path}
 
     def scores(self, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(harm, refusal, request) probabilities, each (N,)."""
@@ -568,3 +580,6 @@ def train_judge(
 
 
 WRITTEN_REFUSALS_FOR_TESTS = tuple(_WRITTEN_REFUSALS)
+
+
+from llm_safepref.judge.plugins import judge_identity, resolve_judge  # noqa: E402  (plug-ins import load_judge)
