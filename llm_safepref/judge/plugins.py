@@ -227,7 +227,8 @@ class CallableJudge:
                                                                for x in out):
             harmful, refusal = seq(out[0], "harmful flags"), seq(out[1], "refusal flags")
         else:
-            items = seq(out, "verdicts")
+            first = next(iter(out), None) if hasattr(out, "__iter__") and not isinstance(out, (str, bytes)) else None
+            items = seq(out, "verdicts" if isinstance(first, dict) else "harmful flags")
             if items and isinstance(items[0], dict):
                 for i, item in enumerate(items):
                     if not isinstance(item, dict) or "is_harmful" not in item:

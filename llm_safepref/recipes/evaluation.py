@@ -100,8 +100,14 @@ def _check_split(benchmark: str, split: str, flag: str) -> None:
 
 
 def run_evaluation(plan: EvalPlan, script_args, model_name_or_path: str, adapter: str | None = None,
-                   seed: int = 0) -> dict | None:
-    """The benchmark rates of a model (+ adapter) on the main process; None when the plan skips."""
+                   seed: int = 0, *, judge=None, judge_audit=None) -> dict | None:
+    """The benchmark rates of a model (+ adapter) on the main process; None when the plan skips.
+
+    Every rate comes with its 95 % interval and per-prompt outcomes (``llm_safepref.eval``).
+    ``judge`` (a judge object or a ``--judge`` spec; default the packaged judge) and
+    ``judge_audit`` (an audit file: judge-corrected rates) fall back to ``script_args.eval_judge``
+    / ``script_args.eval_judge_audit`` when the recipe's arguments have them.
+    """
     from accelerate import PartialState
 
     state = PartialState()
@@ -113,6 +119,8 @@ def run_evaluation(plan: EvalPlan, script_args, model_name_or_path: str, adapter
             model_name_or_path, adapter=adapter, split=script_args.eval_split, limit=script_args.eval_limit,
             limit_per_category=script_args.eval_limit_per_category, benchmark=plan.benchmark,
             max_new_tokens=script_args.eval_max_new_tokens, batch_size=script_args.eval_batch_size, seed=seed,
+            judge=judge if judge is not None else getattr(script_args, "eval_judge", None),
+            judge_audit=judge_audit if judge_audit is not None else getattr(script_args, "eval_judge_audit", None),
         )
     state.wait_for_everyone()
     return result

@@ -36,7 +36,7 @@ from llm_safepref.recipes.arguments import RecipeArguments, parse_args  # noqa: 
 from llm_safepref.recipes.evaluation import EvalPlan, RecipeError, resolve_eval_benchmark, run_evaluation  # noqa: E402
 
 __all__ = ["Recipe", "RecipeRun", "run_recipe", "model_init_kwargs", "load_train_dataset", "check_chat_template",
-           "save_trained", "RATE_KEYS"]
+           "save_trained", "RATE_KEYS", "before_after_table"]
 
 #: The headline rates of the evaluation, in the console table.
 RATE_KEYS = ("harmful_compliance_rate", "over_refusal_rate", "instruction_following_rate")
@@ -273,14 +273,27 @@ class RecipeRun:
         return 0
 
     def report(self) -> None:
-        from llm_safepref.core.tables import text_table
-
         method = self.recipe.method
         print(f"\n{method} run finished: {self.trainer.state.global_step} steps, outputs in {self.output_dir}")
-        rows = [[name, *(rates.get(k) for k in RATE_KEYS)]
-                for name, rates in (("base", self.before), (method, self.after)) if rates is not None]
-        if rows:
-            print(text_table(["model", *RATE_KEYS], rows))
+        table = before_after_table({"base": self.before, method: self.after})
+        if table:
+            print(table)
+
+
+def before_after_table(evaluations: dict[str, dict | None]) -> str:
+    """The console table of :data:`RATE_KEYS` per model, each rate with its 95 % interval over prompts.
+
+    ``0.170 [0.109, 0.256]`` (``core.tables.format_with_ci``); an evaluation without intervals
+    prints the rate alone. Empty when no evaluation ran.
+    """
+    from llm_safepref.core.tables import format_with_ci, text_table
+
+    rows = [[name, *(format_with_ci(rates.get(k), rates.get(f"{k}_ci")) for k in RATE_KEYS)]
+            for name, rates in evaluations.items() if rates is not None]
+    if not rows:
+        return ""
+    note = "95 % intervals over prompts (Wilson)"
+    return text_table(["model", *RATE_KEYS], rows) + f"\n({note})"
 
     def finish(self) -> int:
         """Metrics + card, publish, the table (main process); returns the exit code."""
