@@ -6,6 +6,8 @@
 * ``presa/``: :class:`~llm_safepref.methods.presa.PresaConfig` and
   :class:`~llm_safepref.methods.presa.PresaTrainer` (recipe ``recipes/presa_lora.py``,
   docs ``docs/presa.md``).
+* ``safe_cpl/``: :class:`~llm_safepref.methods.safe_cpl.SafeCPLConfig` and
+  :class:`~llm_safepref.methods.safe_cpl.SafeCPLTrainer` (docs ``docs/safe_cpl.md``).
 
 A new method goes in ``llm_safepref/methods/<name>/`` with ``config.py`` (a
 ``LabelledPreferenceConfig`` subclass) and ``trainer.py`` (a ``LabelledPreferenceTrainer``
@@ -47,6 +49,13 @@ METHODS: dict[str, Method] = {
         config="llm_safepref.methods.presa.config:PresaConfig",
         trainer="llm_safepref.methods.presa.trainer:PresaTrainer",
         summary="PRESA: CPL/DPO preferences + a Lagrangian constraint on per-response safety labels",
+    ),
+    "safe_cpl": Method(
+        name="safe_cpl",
+        config="llm_safepref.methods.safe_cpl.config:SafeCPLConfig",
+        trainer="llm_safepref.methods.safe_cpl.trainer:SafeCPLTrainer",
+        summary="Safe-CPL stage 1: a policy conditioned on a latent user z (soft prompt) learned from crowd "
+        "preferences, z inferred from the user's other pairs (VPL encoder, KL to the prior)",
     ),
 }
 
