@@ -12,6 +12,9 @@ Commands:
                                 summary statistics of built datasets (returns, costs, unsafe segments)
   feedback    --task T --scale S --kind crowd|presa [--beta B] [--label_noise P] [...] --out F.npz
                                 synthetic feedback from a dataset
+  suite       --tasks T.. --methods M.. --seeds 0 1 2 --scale S --out DIR [--backend local|ray] [--jobs N]
+              [--shard i/n] [--aggregate]
+                                the benchmark: every (task, method, seed) run, resumable; DIR/table.json + .md
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from control import tool_command
 from control.data import SCALES, build_and_cache, dataset_path, load_dataset
 from control.feedback import (CrowdFeedbackConfig, PresaFeedbackConfig, dataset_statistics, make_crowd_feedback,
                               make_presa_feedback)
+from control.learners import method_names
+from control.suite import SuiteError, run_suite
 from control.tasks import TASKS, task_names
 from llm_safepref.core.cli import ToolParser
 from llm_safepref.core.provenance import redact, run_record, write_json
@@ -103,12 +108,24 @@ def _cmd_feedback(args) -> int:
     return 0
 
 
+def _cmd_suite(args) -> int:
+    try:
+        return run_suite(args.tasks, args.methods, args.seeds, args.scale, args.out, backend=args.backend,
+                         jobs=args.jobs, shard=args.shard, do_aggregate=args.aggregate, address=args.address,
+                         data_dir=args.data_dir, data_seed=args.data_seed, work_dir=args.work_dir,
+                         overrides=args.set, command=args.command_line)
+    except SuiteError as e:
+        print(f"python -m control suite: error: {e}", file=sys.stderr)
+        return 2
+
+
 #: Subcommand -> (handler, one-line help).
 COMMANDS = {
     "tasks": (_cmd_tasks, "list the tasks"),
     "build-data": (_cmd_build, "build behaviour datasets (cached)"),
     "stats": (_cmd_stats, "dataset statistics to JSON"),
     "feedback": (_cmd_feedback, "synthetic feedback"),
+    "suite": (_cmd_suite, "the benchmark suite: learners x tasks x seeds, resumable, local pool or Ray"),
 }
 
 
@@ -147,6 +164,24 @@ def build_parser() -> ToolParser:
     f.add_argument("--label_noise", type=float, default=0.0, help="probability of flipping a preference label")
     f.add_argument("--beta", type=float, default=None, help="Boltzmann rationality (None: argmax labels)")
     f.add_argument("--out", required=True, help="output .npz")
+    u = parsers["suite"]
+    u.add_argument("--tasks", nargs="+", default=task_names(), help=f"tasks ({', '.join(task_names())})")
+    u.add_argument("--methods", nargs="+", default=method_names(), help=f"methods ({', '.join(method_names())})")
+    u.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="learner seeds")
+    u.add_argument("--scale", default="smoke", help=f"data and learner scale ({', '.join(SCALES)})")
+    u.add_argument("--out", required=True, help="results folder: runs/<task>__<method>__seed<s>.json, table.json/.md")
+    u.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local: this process (--jobs 1) or a process pool; ray: one Ray task per run")
+    u.add_argument("--jobs", type=int, default=1, help="parallel workers (Ray: CPUs of a local instance)")
+    u.add_argument("--shard", default=None, help="i/n: only the (task, seed) groups k with k %% n == i")
+    u.add_argument("--aggregate", action="store_true", help="merge every run file of --out into table.json/.md")
+    u.add_argument("--address", default=None, help="Ray cluster address for ray.init (None: a local instance)")
+    u.add_argument("--data_dir", default=None, help="dataset folder (None: <cache root>/control_data)")
+    u.add_argument("--data_seed", type=int, default=0, help="build seed of the datasets")
+    u.add_argument("--work_dir", default=None, help="checkpoints, logs, artefacts (None: <cache root>/control_suite/"
+                                                    "<out name>-<hash>); never inside results/")
+    u.add_argument("--set", nargs="*", default=[], metavar="[METHOD:]FIELD=VALUE",
+                   help="config overrides, e.g. steps=400 presa:objective.safety_delta=0.8")
     return p
 
 

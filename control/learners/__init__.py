@@ -1,0 +1,241 @@
+"""The learners of the control benchmark: thin loops around the shared loss core, one module per method.
+
+``train(task, method, seed, scale, out_dir)`` is the one contract: it loads the task's behaviour
+dataset, builds the method's learner from its per-scale config (``overrides`` change fields),
+trains it with the common resumable loop (``base.run_learner``: ``out_dir/log.jsonl``,
+``out_dir/checkpoint.pt``), evaluates the policy on held-out downstream goals and returns
+the run's record (config, data version, metrics, per-goal evaluation, seconds).
+
+Methods (:data:`METHODS`):
+
+========== ====================================================================================
+presa      PRESA: CPL on preferences + Lagrangian safety-label term (``presa``)
+cpl        CPL-only: PRESA's preference-only ablation (``cpl``)
+bc_safe    behaviour cloning on segments within the cost threshold (``bc_safe``)
+task_only  TD3+BC on the task reward (``task_only``)
+oracle     TD3+BC on task reward - 10 x true cost (``oracle``)
+rc_<w>     TD3+BC on (1 - w) r_task + w r_hat, one Bradley–Terry r_hat of the crowd (``rc``);
+           w in 0.25, 0.5, 0.75; needs the ``reward_model`` artefact
+td3bc_lag  TD3+BC with a cost critic and a (PID) Lagrange multiplier on E[C] <= kappa (``td3bc_lag``)
+========== ====================================================================================
+
+Design decisions:
+
+- Everything a learner needs from the loss side is ``llm_safepref.core`` (through
+  ``control.objectives`` for PRESA); the RL machinery (TD3+BC critics, the reward net) is
+  control's own.
+- Shared artefacts (:data:`ARTEFACTS`; today the reward model of RC) are trained once per
+  (task, seed) by :func:`train_artefact`, resumable like a run, and passed to the methods that
+  ``require`` them as folders.
+- Config overrides come as ``{"field": value}`` or ``{"objective.safety_delta": value}`` for
+  a nested config; strings (from the command line) are converted to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from control.data import DataError, VERSION, dataset_path, load_dataset
+from control.learners import bc_safe, cpl, oracle, presa, rc, reward_model, task_only, td3bc_lag
+from control.learners.base import CheckpointMismatch, evaluate_downstream, run_learner
+
+__all__ = ["MethodSpec", "METHODS", "ARTEFACTS", "method_names", "get_method", "default_config", "apply_overrides",
+           "train", "train_artefact", "load_task_dataset", "MissingDataset", "data_version", "CheckpointMismatch",
+           "build_command"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: its learner class, per-scale config factory, required artefacts, one-line description."""
+
+    name: str
+    learner: type
+    config_for: Callable[..., Any]
+    description: str
+    defaults: tuple[tuple[str, Any], ...] = ()
+    requires: tuple[str, ...] = ()
+
+
+METHODS: dict[str, MethodSpec] = {
+    "presa": MethodSpec("presa", presa.PresaLearner, presa.config_for,
+                        "PRESA: CPL preferences + Lagrangian safety-label term"),
+    "cpl": MethodSpec("cpl", cpl.CplLearner, cpl.config_for, "CPL-only: PRESA without its safety term"),
+    "bc_safe": MethodSpec("bc_safe", bc_safe.BCSafeLearner, bc_safe.config_for,
+                          "behaviour cloning on segments within the cost threshold"),
+    "task_only": MethodSpec("task_only", task_only.TaskOnlyLearner, task_only.config_for,
+                            "TD3+BC on the task reward"),
+    "oracle": MethodSpec("oracle", oracle.OracleLearner, oracle.config_for, "TD3+BC on task reward - 10 x cost"),
+    **{f"rc_{w:g}": MethodSpec(f"rc_{w:g}", rc.RCLearner, rc.config_for,
+                               f"TD3+BC on {1 - w:g} r_task + {w:g} r_hat (crowd Bradley-Terry reward)",
+                               defaults=(("weight", w),), requires=("reward_model",)) for w in rc.RC_WEIGHTS},
+    "td3bc_lag": MethodSpec("td3bc_lag", td3bc_lag.TD3BCLagLearner, td3bc_lag.config_for,
+                            "TD3+BC with a cost critic and a PID Lagrange multiplier on E[C] <= kappa"),
+}
+
+#: Shared artefacts: name -> (learner class, config factory).
+ARTEFACTS: dict[str, MethodSpec] = {
+    "reward_model": MethodSpec("reward_model", reward_model.RewardModelLearner, reward_model.config_for,
+                               "Bradley-Terry reward model on the crowd's pooled preferences"),
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _convert(text: str, current: Any, name: str) -> Any:
+    """A command-line string as the type of the field's current value (JSON for None / nested)."""
+    if not isinstance(text, str):
+        return text
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name}: expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config, overrides: Mapping[str, Any] | None):
+    """A copy of ``config`` with ``overrides`` (``field`` or ``nested.field``); unknown names list the valid ones."""
+    if not overrides:
+        return config
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        (nested.setdefault(head, {}).__setitem__(rest, value) if rest else flat.__setitem__(head, value))
+    names = {f.name for f in dataclasses.fields(config)}
+    for key in [*flat, *nested]:
+        if key not in names:
+            raise ValueError(f"{type(config).__name__} has no field {key!r}; fields: {', '.join(sorted(names))}")
+    changes = {k: _convert(v, getattr(config, k), k) for k, v in flat.items()}
+    for head, sub in nested.items():
+        changes[head] = apply_overrides(getattr(config, head), sub)
+    return dataclasses.replace(config, **changes)
+
+
+def default_config(method: str, task: str, scale: str, overrides: Mapping[str, Any] | None = None):
+    """The config of ``method`` on ``task`` at ``scale`` (``smoke``, ``small``, ``paper``), with overrides."""
+    spec = METHODS.get(method) or ARTEFACTS.get(method)
+    if spec is None:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return apply_overrides(spec.config_for(task, scale, **dict(spec.defaults)), overrides)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class MissingDataset(FileNotFoundError):
+    """The behaviour dataset of a run is not built; the message gives the build command."""
+
+
+def build_command(task: str, scale: str, data_seed: int, data_dir: str | None) -> str:
+    """The command that builds a missing dataset (``task`` may be several, space-separated)."""
+    cmd = f"python -m control build-data --tasks {task} --scale {scale} --seed {data_seed}"
+    return cmd + (f" --data_dir {data_dir}" if data_dir else "")
+
+
+def load_task_dataset(task: str, scale: str, data_seed: int = 0, data_dir: str | None = None):
+    path = dataset_path(task, scale, data_seed, data_dir)
+    if not path.exists() or not path.with_suffix(".json").exists():
+        raise MissingDataset(f"no {scale} dataset for task {task!r} (seed {data_seed}) at {path}; build it with: "
+                             f"{build_command(task, scale, data_seed, data_dir)}")
+    ds = load_dataset(path)
+    if ds.meta.get("format") != VERSION:
+        raise DataError(f"{path}: format {ds.meta.get('format')!r}, this code reads {VERSION!r}; rebuild with: "
+                        f"{build_command(task, scale, data_seed, data_dir)} --force")
+    return ds
+
+
+def data_version(ds, path) -> dict[str, Any]:
+    """What identifies a dataset in a run file."""
+    m = ds.meta
+    return {"path": str(path), "format": m.get("format"), "task": m.get("task"), "scale": m.get("scale"),
+            "seed": m.get("seed"), "created_utc": m.get("created_utc"), "git_revision": m.get("git_revision"),
+            "n_transitions": m.get("n_transitions"), "n_episodes": m.get("n_episodes"),
+            "max_episode_steps": m.get("max_episode_steps")}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _config_json(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def train(task: str, method: str, seed: int, scale: str, out_dir: str | Path, *, data_dir: str | None = None,
+          data_seed: int = 0, artefacts: Mapping[str, str] | None = None,
+          overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate one run; resumes from ``out_dir/checkpoint.pt`` when present.
+
+    Returns ``{"task", "method", "seed", "scale", "config", "data", "metrics", "per_goal",
+    "train", "info", "artefacts", "seconds"}``; ``metrics`` holds the last logged training
+    metrics and the evaluation's ``eval/...`` (``eval/normalized_reward`` and
+    ``eval/normalized_cost`` are DSRL's, averaged over the held-out goals).
+    """
+    t0 = time.time()
+    spec = get_method(method)
+    config = default_config(method, task, scale, overrides)
+    torch.set_num_threads(config.threads)
+    ds = load_task_dataset(task, scale, data_seed, data_dir)
+    kwargs = {}
+    for need in spec.requires:
+        if not artefacts or need not in artefacts:
+            raise ValueError(f"method {method!r} needs the {need!r} artefact; train it with train_artefact("
+                             f"{need!r}, ...) or run it through the suite, which does so first")
+        kwargs[need] = artefacts[need]
+    learner = spec.learner(config, ds, seed, **kwargs)
+    trained = run_learner(learner, out_dir, log=log)
+    evaluation = evaluate_downstream(learner.policy(), ds, config, seed)
+    return {"task": task, "method": method, "seed": int(seed), "scale": scale, "config": _config_json(config),
+            "data": data_version(ds, dataset_path(task, scale, data_seed, data_dir)),
+            "metrics": {**trained["last"], **evaluation["metrics"]}, "per_goal": evaluation["per_goal"],
+            "train": {k: trained[k] for k in ("steps", "resumed_from", "log", "checkpoint")},
+            "info": learner.info(), "artefacts": dict(artefacts or {}), "seconds": round(time.time() - t0, 3)}
+
+
+def train_artefact(kind: str, task: str, seed: int, scale: str, out_dir: str | Path, *, data_dir: str | None = None,
+                   data_seed: int = 0, overrides: Mapping[str, Any] | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train a shared artefact (``reward_model``) into ``out_dir``; resumable; returns its record."""
+    if kind not in ARTEFACTS:
+        raise ValueError(f"unknown artefact {kind!r}; valid artefacts: {', '.join(ARTEFACTS)}")
+    t0 = time.time()
+    config = default_config(kind, task, scale, overrides)
+    torch.set_num_threads(config.threads)
+    ds = load_task_dataset(task, scale, data_seed, data_dir)
+    learner = ARTEFACTS[kind].learner(config, ds, seed)
+    trained = run_learner(learner, out_dir, log=log)
+    meta = learner.finalize(out_dir)
+    return {"kind": kind, "task": task, "seed": int(seed), "scale": scale, "config": _config_json(config),
+            "data": data_version(ds, dataset_path(task, scale, data_seed, data_dir)),
+            "metrics": {**trained["last"], **{f"heldout/{k[8:]}": v for k, v in meta.items()
+                                              if k.startswith("heldout_")}},
+            "train": {k: trained[k] for k in ("steps", "resumed_from", "log", "checkpoint")},
+            "info": meta, "dir": str(out_dir), "seconds": round(time.time() - t0, 3)}

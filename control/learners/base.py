@@ -1,0 +1,369 @@
+"""What every control learner shares: config base, goal-conditioned nets, the resumable loop, evaluation.
+
+Design decisions:
+
+- A learner is a small object with ``modules`` (name -> ``nn.Module``), ``optimizers``
+  (name -> optimiser), an optional Lagrange ``multiplier`` (a core ``LagrangeMultiplier`` or
+  ``PIDLagrangeMultiplier``), a numpy ``rng`` and a torch ``generator``, and one method,
+  ``train_step(step) -> metrics``. :func:`run_learner` is the only training loop: it resumes
+  from ``out_dir/checkpoint.pt`` when one exists, calls ``train_step`` until ``config.steps``,
+  logs every ``log_every`` steps to ``out_dir/log.jsonl`` and checkpoints every
+  ``checkpoint_every`` steps (and at the end).
+- A checkpoint describes itself (nanoGPT style): format, method, the learner's config, the
+  step, every module's and optimiser's ``state_dict``, the multiplier's ``state_dict``, and
+  the states of both random generators. Restoring all of them makes a resumed run compute
+  exactly what the uninterrupted run computes (single-threaded CPU torch is deterministic);
+  the log is cut back to the checkpoint's step on resume, so it too equals the uninterrupted
+  run's, plus one ``{"event": "resume"}`` line. A checkpoint of a different config is an
+  error naming the fields that differ (delete the folder to start afresh).
+- Downstream policies are goal-conditioned: input ``[(s - mean) / std, g / goal_scale]``
+  (``goal_scale`` as ``control.collection.BatchCollector`` computes it), deterministic tanh
+  mean. They are trained on the task's downstream goal grid (rewards relabelled from the
+  stored features, ``TaskSpec.reward``) and evaluated on held-out downstream goals that are
+  not user goals of the crowd (:func:`eval_goals`).
+- Evaluation (:func:`evaluate_downstream`) is ``control.evaluation.evaluate_policy`` per goal
+  over the dataset's episode length, with the DSRL reference of ``reward_reference`` (the
+  dataset's lowest and highest complete-episode return for that goal); the learner's seed is
+  the evaluation seed, so evaluations are reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from control.data import Dataset
+from control.evaluation import evaluate_policy, reward_reference
+from control.policies import mlp
+from control.tasks import TaskSpec
+from llm_safepref.core.lagrange import LagrangeMultiplier
+from llm_safepref.core.schema import Metric
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LearnerConfig",
+    "Learner",
+    "GoalConditionedPolicy",
+    "goal_scale",
+    "train_goals",
+    "eval_goals",
+    "RunLog",
+    "CheckpointMismatch",
+    "run_learner",
+    "evaluate_downstream",
+    "dataset_obs_stats",
+    "dataset_features",
+]
+
+CHECKPOINT_FORMAT = "control-learner-checkpoint-1"
+
+
+@dataclass
+class LearnerConfig:
+    """Fields every learner has (a learner's own config extends it)."""
+
+    steps: int = field(default=100, metadata={"help": "Gradient steps in all (warm-up phases included)."})
+    batch_size: int = field(default=64, metadata={"help": "Transitions, segment pairs or segments per step."})
+    lr: float = field(default=3e-4, metadata={"help": "Adam learning rate of the networks."})
+    hidden: int = field(default=256, metadata={"help": "Width of every MLP."})
+    layers: int = field(default=2, metadata={"help": "Hidden layers of every MLP."})
+    eval_goals: int = field(default=4, metadata={"help": "Held-out downstream goals evaluated (never user goals)."})
+    eval_episodes: int = field(default=5, metadata={"help": "Evaluation episodes per goal."})
+    eval_n_envs: int = field(default=2, metadata={"help": "Envs stepped in lockstep during evaluation."})
+    log_every: int = field(default=10, metadata={"help": "Steps between JSONL log lines."})
+    checkpoint_every: int = field(default=50, metadata={"help": "Steps between checkpoints (one is also written "
+                                                                   "at the end)."})
+    threads: int = field(default=1, metadata={"help": "torch threads (1: suite workers share the cores)."})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "hidden", "layers", "eval_goals", "eval_episodes", "eval_n_envs",
+                     "log_every", "checkpoint_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"{type(self).__name__}.lr must be > 0, got {self.lr}")
+
+
+# --------------------------------------------------------------------------- goals
+
+
+def goal_scale(spec: TaskSpec) -> np.ndarray:
+    """(goal_dim,) ``max(|goal_low|, |goal_high|)``, 1 where that is 0 (as ``BatchCollector``)."""
+    scale = np.maximum(np.abs(spec.goal_low), np.abs(spec.goal_high)).astype(np.float64)
+    scale[scale == 0] = 1.0
+    return scale
+
+
+def train_goals(spec: TaskSpec) -> np.ndarray:
+    """(G, goal_dim): the downstream grid; training relabels rewards for goals drawn from it."""
+    return np.asarray(spec.downstream_goals, dtype=np.float64)
+
+
+def eval_goals(spec: TaskSpec, n: int) -> np.ndarray:
+    """(min(n, G'), goal_dim): ``n`` evenly spaced downstream goals that are no user goal.
+
+    The crowd labelled the user goals; the downstream tasks are the others.
+    """
+    grid = train_goals(spec)
+    is_user = (np.abs(grid[:, None, :] - spec.user_goals[None, :, :]).max(-1) < 1e-9).any(1)
+    held_out = grid[~is_user]
+    if len(held_out) == 0:
+        raise ValueError(f"{spec.name}: every downstream goal is a user goal; nothing to evaluate on")
+    idx = np.unique(np.round(np.linspace(0, len(held_out) - 1, min(n, len(held_out)))).astype(int))
+    return held_out[idx]
+
+
+# --------------------------------------------------------------------------- data views
+
+
+def dataset_obs_stats(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (floored at 1e-3) of the observations, float32 (obs_dim,)."""
+    obs = ds["observations"].astype(np.float64)
+    return obs.mean(0).astype(np.float32), np.maximum(obs.std(0), 1e-3).astype(np.float32)
+
+
+def dataset_features(ds: Dataset) -> dict[str, np.ndarray]:
+    """The per-step features {name: (N,) float64} that ``TaskSpec.reward`` relabels from."""
+    return {k: np.asarray(v, dtype=np.float64) for k, v in ds.features.items()}
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class GoalConditionedPolicy(nn.Module):
+    """Deterministic ``a = tanh(MLP([(s - m) / sd, g / goal_scale]))``; CPL's unit-variance mean.
+
+    ``forward(obs (..., obs_dim), goal (..., goal_dim))`` broadcasts the goal over leading
+    dims, so (B, L, obs_dim) segments with (B, 1, goal_dim) goals work.
+    """
+
+    def __init__(self, obs_dim: int, goal_dim: int, act_dim: int, hidden: int, layers: int,
+                 obs_mean: np.ndarray, obs_std: np.ndarray, goal_scale_: np.ndarray):
+        super().__init__()
+        self.net = mlp(obs_dim + goal_dim, act_dim, hidden, layers)
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32))
+        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32))
+        self.register_buffer("goal_scale", torch.as_tensor(goal_scale_, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        x = (obs - self.obs_mean) / self.obs_std
+        g = (goal / self.goal_scale).expand(*x.shape[:-1], goal.shape[-1])
+        return torch.tanh(self.net(torch.cat([x, g], -1)))
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """(n, obs_dim) numpy observations and a (goal_dim,) goal -> (n, A) float64 actions."""
+        o = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
+        g = torch.as_tensor(np.asarray(goal), dtype=torch.float32).expand(len(o), -1)
+        return self(o, g).numpy().astype(np.float64)
+
+
+# --------------------------------------------------------------------------- learner protocol
+
+
+class Learner:
+    """Base of the learners: state that :func:`run_learner` checkpoints, and ``train_step``.
+
+    Subclasses set ``modules``, ``optimizers`` (and ``multiplier`` when they have one) in
+    ``__init__`` and implement :meth:`train_step` and :meth:`policy`.
+    """
+
+    method: str = ""
+
+    def __init__(self, config: LearnerConfig, ds: Dataset, seed: int):
+        self.config = config
+        self.ds = ds
+        self.spec = ds.spec
+        self.seed = int(seed)
+        torch.manual_seed(self.seed)  # network initialisation only; training draws from the two below
+        self.rng = np.random.default_rng(self.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.multiplier: LagrangeMultiplier | None = None
+
+    def train_step(self, step: int) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def policy(self) -> GoalConditionedPolicy:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the training data for the run record (sizes, thresholds)."""
+        return {}
+
+    # -- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "multiplier": None if self.multiplier is None else self.multiplier.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        if self.multiplier is not None:
+            self.multiplier.load_state_dict(state["multiplier"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.generator.set_state(state["torch_generator"])
+
+
+# --------------------------------------------------------------------------- log and checkpoint
+
+
+class RunLog:
+    """``out_dir/log.jsonl``: one JSON object per line, ``{"step": s, <metric>: value, ...}``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the lines of steps <= ``step`` (a resumed run rewrites what came after)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line half-written when the process was killed
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(json.dumps(row))
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(dict(row), default=float) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint of another method or config sits where this run would resume."""
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint
+
+
+def _config_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def _check_checkpoint(state: Mapping, method: str, config) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatch(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    if state.get("method") != method:
+        raise CheckpointMismatch(f"checkpoint of method {state.get('method')!r}, this run is {method!r}")
+    want, have = _config_dict(config), state.get("config", {})
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        raise CheckpointMismatch("checkpoint config differs in " + ", ".join(
+            f"{k} (checkpoint {have.get(k)!r}, this run {want.get(k)!r})" for k in diff))
+
+
+def run_learner(learner: Learner, out_dir: str | Path, *, log: Callable[[str], None] | None = None
+                ) -> dict[str, Any]:
+    """Train ``learner`` to ``config.steps`` with resume, logging and checkpoints (module docstring).
+
+    Returns ``{"steps", "resumed_from", "last": last logged metrics, "log": path, "checkpoint": path}``.
+    """
+    cfg = learner.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+    run_log = RunLog(out_dir / "log.jsonl")
+    say = log or (lambda s: None)
+    start, resumed_from = 0, None
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            _check_checkpoint(state, learner.method, cfg)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"{ckpt_path}: {e}; delete {out_dir} to start this run afresh") from None
+        learner.load_state_dict(state["learner"])
+        start = resumed_from = int(state["step"])
+        run_log.truncate_after(start)
+        run_log.write({"event": "resume", "step": start})
+        say(f"resumed from step {start} ({ckpt_path})")
+    else:
+        run_log.truncate_after(-1)  # no checkpoint: any old log belongs to no run
+
+    def checkpoint(step: int) -> None:
+        _save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "method": learner.method,
+                                     "config": _config_dict(cfg), "step": step, "learner": learner.state_dict()})
+
+    last: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        metrics = learner.train_step(step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last = {k: float(v) for k, v in metrics.items()}
+            if learner.multiplier is not None:
+                last.setdefault(Metric.NU, float(learner.multiplier.value))
+            run_log.write({"step": done, **last})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            checkpoint(done)
+    if start >= cfg.steps:  # already complete: the last logged metrics
+        rows = [r for r in run_log.rows() if "event" not in r]
+        last = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+    return {"steps": cfg.steps, "resumed_from": resumed_from, "last": last, "log": str(run_log.path),
+            "checkpoint": str(ckpt_path)}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_downstream(policy: GoalConditionedPolicy, ds: Dataset, config: LearnerConfig, seed: int
+                        ) -> dict[str, Any]:
+    """Evaluate a goal-conditioned policy on the held-out downstream goals (module docstring).
+
+    Returns ``{"metrics": {eval/...: mean over goals}, "per_goal": [{goal, return_mean,
+    cost_mean, normalized_reward, normalized_cost, reward_ref}]}``; the normalised values are
+    DSRL's (reward min-max against the dataset's episodes, cost ÷ kappa).
+    """
+    spec = ds.spec
+    horizon = int(ds.meta["max_episode_steps"])
+    policy.eval()
+    per_goal = []
+    for goal in eval_goals(spec, config.eval_goals):
+        ref = reward_reference(ds, goal)
+        res = evaluate_policy(lambda obs, g=goal: policy.act(obs, g), spec.name, goal,
+                              episodes=config.eval_episodes, seed=seed, n_envs=config.eval_n_envs,
+                              reward_ref=ref, max_episode_steps=horizon)
+        per_goal.append({"goal": goal.tolist(), "return_mean": float(res.returns.mean()),
+                         "cost_mean": float(res.costs.mean()), "normalized_reward": res.normalized_reward,
+                         "normalized_cost": res.normalized_cost, "reward_ref": list(ref)})
+    policy.train()
+
+    def mean(key):
+        return float(np.mean([g[key] for g in per_goal]))
+
+    metrics = {"eval/return_mean": mean("return_mean"), "eval/cost_mean": mean("cost_mean"),
+               Metric.EVAL_NORMALIZED_REWARD: mean("normalized_reward"),
+               Metric.EVAL_NORMALIZED_COST: mean("normalized_cost"),
+               "eval/goals": len(per_goal), "eval/episodes_per_goal": config.eval_episodes,
+               "eval/horizon": horizon}
+    if not all(math.isfinite(v) for v in (metrics["eval/return_mean"], metrics["eval/cost_mean"])):
+        raise ValueError(f"{spec.name}: evaluation produced a non-finite return or cost")
+    return {"metrics": metrics, "per_goal": per_goal}
