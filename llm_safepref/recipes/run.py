@@ -279,6 +279,21 @@ class RecipeRun:
         if table:
             print(table)
 
+    def finish(self) -> int:
+        """Metrics + card, publish, the table (main process); returns the exit code."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        code = 0
+        if state.is_main_process:
+            self.write_outputs()
+            code = self.publish()
+            self.report()
+        state.wait_for_everyone()
+        if hasattr(self.trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
+            self.trainer.end()
+        return code
+
 
 def before_after_table(evaluations: dict[str, dict | None]) -> str:
     """The console table of :data:`RATE_KEYS` per model, each rate with its 95 % interval over prompts.
@@ -294,21 +309,6 @@ def before_after_table(evaluations: dict[str, dict | None]) -> str:
         return ""
     note = "95 % intervals over prompts (Wilson)"
     return text_table(["model", *RATE_KEYS], rows) + f"\n({note})"
-
-    def finish(self) -> int:
-        """Metrics + card, publish, the table (main process); returns the exit code."""
-        from accelerate import PartialState
-
-        state = PartialState()
-        code = 0
-        if state.is_main_process:
-            self.write_outputs()
-            code = self.publish()
-            self.report()
-        state.wait_for_everyone()
-        if hasattr(self.trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
-            self.trainer.end()
-        return code
 
 
 def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
