@@ -48,7 +48,7 @@ def _subcommands():
 
 def test_every_command_and_tool_answers_help():
     _, subs = _subcommands()
-    assert set(subs) == {"tasks", "build-data", "stats", "feedback"}
+    assert set(subs) == {"tasks", "build-data", "stats", "feedback", "suite"}
     top = _cli("--help")
     for name in subs:
         assert name in top
