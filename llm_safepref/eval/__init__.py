@@ -429,10 +429,19 @@ def evaluate(
     return result
 
 
-def _ci_cell(result: dict, key: str, ci_key: str | None = None) -> str:
-    from llm_safepref.core.tables import format_with_ci
+def _interval_and_n(result: dict, key: str) -> tuple[list | None, int | str]:
+    """``(ci, n)`` of a rate over prompts: as recorded, or (older results) Wilson from the rebuilt counts."""
+    from llm_safepref.core.stats import wilson_interval
+    from llm_safepref.eval.intervals import CountsError, counts_of
 
-    return format_with_ci(result.get(key), result.get(ci_key or f"{key}_ci"))
+    try:
+        counts = counts_of(result, key)
+    except CountsError:
+        counts = None
+    ci = result.get(f"{key}_ci")
+    if ci is None and counts is not None and counts["n"]:
+        ci = [round4(x) for x in wilson_interval(counts["k"], counts["n"])]
+    return ci, (counts["n"] if counts else "")
 
 
 def _corrected_cell(result: dict, key: str) -> str:
@@ -448,12 +457,12 @@ def results_markdown(result: dict) -> str:
     """A Markdown table of the headline metrics, each with its 95 % interval over prompts.
 
     With a judge audit, a column of the judge-corrected rates; without one, a line saying so.
-    Results written before intervals existed print ``—`` intervals.
+    Results written before intervals existed get Wilson intervals from their rebuilt counts
+    (``intervals.counts_of``) where the counts can be rebuilt.
     """
     from llm_safepref.core.tables import format_value, format_with_ci
 
     corrected = bool((result.get("judge_correction") or {}).get("applied"))
-    counts = result.get("counts") or {}
     lines = [
         f"# Safety evaluation: {result['model']}" + (f" + {result['adapter']}" if result.get("adapter") else ""),
         "",
@@ -468,13 +477,14 @@ def results_markdown(result: dict) -> str:
     lines += ["", head, "|---|---|---|---|" + ("---|" if corrected else "")]
     rows = [(key, spec.better) for key, spec in PROMPT_RATES.items()] + [("constraint_following_rate", "higher")]
     for key, better in rows:
-        n = counts.get(key, {}).get("n", "") if key in PROMPT_RATES else ""
-        line = f"| {key} | {_ci_cell(result, key)} | {n} | {better} |"
+        ci, n = _interval_and_n(result, key) if key in PROMPT_RATES else (result.get(f"{key}_ci"), "")
+        line = f"| {key} | {format_with_ci(result.get(key), ci)} | {n} | {better} |"
         lines.append(line + (f" {_corrected_cell(result, key)} |" if corrected else ""))
     if result.get("preference"):
         p = result["preference"]
+        ci = p.get("preference_accuracy_ci") or _interval_and_n(result, PREFERENCE_RATE)[0]
         lines.append(f"| preference_accuracy ({p['preference_kind']}) | "
-                     f"{format_with_ci(p['preference_accuracy'], p.get('preference_accuracy_ci'))} | {p['n_pairs']} | "
+                     f"{format_with_ci(p['preference_accuracy'], ci)} | {p['n_pairs']} | "
                      "higher |" + (" — |" if corrected else ""))
     if result.get("constraint_following_by_type"):
         by_ci = result.get("constraint_following_by_type_ci") or {}

@@ -126,9 +126,6 @@ def load_audit(path: str | os.PathLike, judge_version: str | None = None) -> dic
     if not isinstance(audited, str) or not audited:
         raise AuditError(f"judge audit {path}: field 'judge_version' missing; an audit must name the judge it "
                          "measured (e.g. \"minilm-probe-v2+c88e5a4092\")")
-    if judge_version is not None and audited != judge_version:
-        raise AuditError(f"judge audit {path}: audits judge {audited!r}, but the rates were judged by "
-                         f"{judge_version!r}; an audit corrects only the judge it measured")
     for verdict in VERDICTS:
         block = data.get(verdict)
         if block is None:
@@ -150,6 +147,8 @@ def load_audit(path: str | os.PathLike, judge_version: str | None = None) -> dic
         data[verdict] = {**fresh, **{k: v for k, v in block.items() if k not in fresh}}
     data["_path"] = str(path)
     data["_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if judge_version is not None:
+        check_audit_judge(data, judge_version)
     return data
 
 
