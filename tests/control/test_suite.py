@@ -1,0 +1,259 @@
+"""python -m control suite: every method at smoke scale, resume after a real kill, Ray = local, the table, bad input.
+
+* The whole method list runs through the suite in-process; the RC weights share one reward model;
+  a second call skips everything; ``--aggregate`` writes the table.
+* A run SIGKILLed midway restarts from its checkpoint and ends exactly as an uninterrupted run.
+* ``--backend ray`` (a local Ray instance of 2 CPUs) gives the same table as the local process pool.
+* The aggregate's normalisations against hand computations on written run files.
+* Bad input: unknown task / method (valid ones listed), missing dataset (the build command),
+  empty seed list, bad shard, unknown override, corrupted run file (named, redone).
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from control.__main__ import main
+from control.learners import METHODS
+from control.suite import (RUN_FORMAT, TABLE_FIELDS, SuiteError, aggregate, parse_shard, plan_jobs,
+                           read_run_file, run_suite, shard_jobs)
+from llm_safepref.core.provenance import write_json
+
+pytestmark = pytest.mark.control
+ROOT = Path(__file__).resolve().parents[2]
+RUN_RECORD_KEYS = {"command", "git_revision", "versions", "lock_sha256", "machine", "date"}
+
+
+def _suite_args(out, work, data, *extra):
+    return ["suite", "--tasks", "run", "--scale", "smoke", "--out", str(out), "--work_dir", str(work),
+            "--data_dir", str(data), *extra]
+
+
+def _cli(*args, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "control", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_plan_puts_artefacts_first_and_shards_whole_groups():
+    jobs = plan_jobs(["run", "circle"], ["task_only", "rc_0.5", "rc_0.25"], [0, 1])
+    keys = [j.key for j in jobs]
+    assert keys[:4] == ["run__reward_model__seed0", "run__task_only__seed0", "run__rc_0.5__seed0",
+                        "run__rc_0.25__seed0"]
+    assert [j.deps for j in jobs[1:4]] == [(), ("run__reward_model__seed0",), ("run__reward_model__seed0",)]
+    assert sum(j.kind == "artefact" for j in jobs) == 4  # one reward model per (task, seed), shared by both weights
+    # Groups in order: (run,0) (run,1) (circle,0) (circle,1); shard 1/2 keeps groups 1 and 3.
+    mine = shard_jobs(jobs, parse_shard("1/2"))
+    assert {(j.task, j.seed) for j in mine} == {("run", 1), ("circle", 1)} and len(mine) == 8
+    assert sorted(j.key for j in shard_jobs(jobs, (0, 2)) + mine) == sorted(keys)
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        with pytest.raises(SuiteError, match="--shard"):
+            parse_shard(bad)
+
+
+# --------------------------------------------------------------------------- every method
+
+
+def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_dataset, control_data_dir, tmp_path,
+                                                                     capsys):
+    smoke_dataset("run")
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = _suite_args(out, work, control_data_dir, "--methods", *METHODS, "--seeds", "0", "--aggregate")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(METHODS) + 1} jobs (0 done already)" in printed
+    for method in METHODS:
+        rec = read_run_file(out / "runs" / f"run__{method}__seed0.json")
+        assert RUN_RECORD_KEYS <= set(rec) and rec["format"] == RUN_FORMAT
+        assert rec["command"].startswith("python -m control suite --tasks run --scale smoke")
+        assert rec["data"]["format"] == "control-data-2" and rec["data"]["scale"] == "smoke"
+        assert rec["seconds"] > 0 and rec["config"]["threads"] == 1
+        assert Path(rec["train"]["checkpoint"]).parent == work / "runs" / f"run__{method}__seed0"
+    # One reward model, trained once, is the artefact of all three RC runs.
+    rm = work / "artefacts" / "run__reward_model__seed0"
+    assert {read_run_file(out / "runs" / f"run__rc_{w}__seed0.json")["artefacts"]["reward_model"]
+            for w in ("0.25", "0.5", "0.75")} == {str(rm)}
+    assert json.loads((out / "artefacts" / "run__reward_model__seed0.json").read_text())["kind"] == "reward_model"
+    # Nothing of the work (checkpoints, logs) lies in the results folder.
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.jsonl"))
+    table = json.loads((out / "table.json").read_text())
+    assert RUN_RECORD_KEYS <= set(table) and table["command"] == "python -m control " + " ".join(args)
+    assert {r["method"] for r in table["rows"]} == set(METHODS)
+    oracle = [r for r in table["rows"] if r["method"] == "oracle" and r["task"] == "run"][0]
+    assert oracle["normalized_reward"] == pytest.approx(1.0) and oracle["n_seeds"] == 1
+    assert all(f in r and f + "_std" in r for r in table["rows"] for f in TABLE_FIELDS)
+    md = (out / "table.md").read_text()
+    assert "| run | presa |" in md and "| average | td3bc_lag |" in md
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert main(args) == 0
+    assert f"{len(METHODS) + 1} jobs ({len(METHODS) + 1} done already)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == mtimes
+
+
+# --------------------------------------------------------------------------- resume after a kill
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(smoke_dataset, control_data_dir,
+                                                                                   tmp_path):
+    smoke_dataset("run")
+    steps = 2000
+    extra = ("--methods", "task_only", "--seeds", "0", "--set", f"steps={steps}", "checkpoint_every=50",
+             "log_every=50")
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, "-m", "control", *_suite_args(out, work, control_data_dir, *extra)]
+    log = work / "runs" / "run__task_only__seed0" / "log.jsonl"
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    last = 0
+    while time.time() < deadline and proc.poll() is None and last < 300:
+        if log.exists():
+            lines = [ln for ln in log.read_text().splitlines() if ln.endswith("}")]
+            last = json.loads(lines[-1])["step"] if lines else 0
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "runs" / "run__task_only__seed0.json").exists()
+    killed_at = torch.load(work / "runs" / "run__task_only__seed0" / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < killed_at < steps
+    resumed = _cli(*_suite_args(out, work, control_data_dir, *extra))
+    assert f"resumed from step {killed_at}" in resumed.stdout
+    rec = read_run_file(out / "runs" / "run__task_only__seed0.json")
+    assert rec["train"]["resumed_from"] == killed_at
+    # The same run without the kill: same metrics, same evaluation, same log.
+    _cli(*_suite_args(tmp_path / "out2", tmp_path / "work2", control_data_dir, *extra))
+    ref = read_run_file(tmp_path / "out2" / "runs" / "run__task_only__seed0.json")
+    assert ref["train"]["resumed_from"] is None
+    assert rec["metrics"] == ref["metrics"] and rec["per_goal"] == ref["per_goal"]
+
+    def rows(path):
+        return [r for r in map(json.loads, Path(path).read_text().splitlines()) if "event" not in r]
+
+    assert rows(rec["train"]["log"]) == rows(ref["train"]["log"])
+    assert [r["step"] for r in rows(rec["train"]["log"])] == list(range(50, steps + 1, 50))
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def test_ray_backend_gives_the_local_backends_table(smoke_dataset, control_data_dir, tmp_path):
+    pytest.importorskip("ray")
+    smoke_dataset("run")
+    extra = ("--methods", "presa", "task_only", "oracle", "rc_0.5", "--seeds", "0", "1", "--jobs", "2",
+             "--aggregate")
+    tables = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / backend
+        proc = _cli(*_suite_args(out, tmp_path / f"work_{backend}", control_data_dir, "--backend", backend, *extra))
+        assert "10 of 10 jobs ran" in proc.stdout, proc.stdout[-2000:]
+        tables[backend] = json.loads((out / "table.json").read_text())
+    assert tables["ray"]["rows"] == tables["local"]["rows"]
+    assert len(tables["ray"]["rows"]) == 8 and tables["ray"]["seeds"] == [0, 1]
+
+
+# --------------------------------------------------------------------------- the table by hand
+
+
+def _write_run(out, task, method, seed, dsrl_reward, cost, kappa):
+    write_json(out / "runs" / f"{task}__{method}__seed{seed}.json", {
+        "format": RUN_FORMAT, "task": task, "method": method, "seed": seed, "scale": "smoke", "config": {},
+        "data": {}, "command": "by hand",
+        "metrics": {"eval/normalized_reward": dsrl_reward, "eval/normalized_cost": cost / kappa,
+                    "eval/return_mean": 0.0, "eval/cost_mean": cost}})
+
+
+def test_aggregate_normalisations_by_hand(tmp_path):
+    # run (kappa 10): Oracle's DSRL reward 0.8 / 0.5; Task-only's cost 4 / 0.
+    for seed, (o_r, t_c, p_r, p_c) in enumerate([(0.8, 4.0, 0.4, 2.0), (0.5, 0.0, 0.5, 1.0)]):
+        _write_run(tmp_path, "run", "oracle", seed, o_r, 0.0, 10)
+        _write_run(tmp_path, "run", "task_only", seed, 0.9, t_c, 10)
+        _write_run(tmp_path, "run", "presa", seed, p_r, p_c, 10)
+    # circle: one seed; Oracle 0.4, Task-only cost 5; PRESA 0.2, cost 1.
+    _write_run(tmp_path, "circle", "oracle", 0, 0.4, 0.0, 10)
+    _write_run(tmp_path, "circle", "task_only", 0, 0.9, 5.0, 10)
+    _write_run(tmp_path, "circle", "presa", 0, 0.2, 1.0, 10)
+    (tmp_path / "runs" / "circle__cpl__seed0.json").write_text("{not json")
+    messages = []
+    table = aggregate(tmp_path, command="by hand", say=messages.append)
+    assert any("circle__cpl__seed0.json" in m for m in messages)
+    rows = {(r["task"], r["method"]): r for r in table["rows"]}
+    run = rows[("run", "presa")]
+    # reward / Oracle's: 0.4 / 0.8 = 0.5 and 0.5 / 0.5 = 1 -> 0.75 ± sd(0.5, 1) = 0.35355.
+    assert run["normalized_reward"] == pytest.approx(0.75) and run["normalized_reward_std"] == pytest.approx(math.sqrt(0.125))
+    # cost / Task-only's: 2 / 4 = 0.5; Task-only's 0 -> (1 + 1) / (0 + 1) = 2 -> 1.25 ± 1.06066.
+    assert run["normalized_cost"] == pytest.approx(1.25) and run["normalized_cost_std"] == pytest.approx(math.sqrt(1.125))
+    assert run["dsrl_normalized_cost"] == pytest.approx(0.15) and run["n_seeds"] == 2
+    circle = rows[("circle", "presa")]
+    assert (circle["normalized_reward"], circle["normalized_cost"], circle["normalized_reward_std"]) == \
+        pytest.approx((0.5, 0.2, 0.0))
+    # Average: per seed the mean over its tasks: seed 0 (0.5 + 0.5) / 2 = 0.5, seed 1 1.0 -> 0.75.
+    avg = rows[("average", "presa")]
+    assert avg["normalized_reward"] == pytest.approx(0.75) and avg["n_seeds"] == 2 and avg["n_tasks"] == 2
+    assert avg["normalized_cost"] == pytest.approx(((0.5 + 0.2) / 2 + 2.0) / 2)
+    assert rows[("run", "oracle")]["normalized_reward"] == pytest.approx(1.0)
+    assert table["tasks"] == ["run", "circle"] and "| circle | presa | 0.500 ± 0.000 | 0.200 ± 0.000 |" in \
+        (tmp_path / "table.md").read_text()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_an_error_that_says_what_to_do(smoke_dataset, control_data_dir, tmp_path, capsys):
+    smoke_dataset("run")
+    out, work = tmp_path / "out", tmp_path / "work"
+
+    def error(*args):
+        assert main(["suite", "--out", str(out), "--work_dir", str(work), "--data_dir", str(control_data_dir),
+                     *args]) == 2
+        return capsys.readouterr().err
+
+    assert "unknown task(s) walk; valid tasks: reach, run, circle, ant_vel" in error("--tasks", "walk")
+    assert "unknown method(s) ppo; valid methods: presa, cpl, bc_safe, task_only" in \
+        error("--tasks", "run", "--methods", "ppo")
+    assert "empty seed list" in error("--tasks", "run", "--methods", "presa", "--seeds")
+    assert "--shard i/n needs" in error("--tasks", "run", "--methods", "presa", "--shard", "3/2")
+    assert "no config of presa, reward_model has a field 'stepz'" in \
+        error("--tasks", "run", "--methods", "presa", "--set", "stepz=3")
+    empty = tmp_path / "no_data"
+    err = error("--tasks", "run", "circle", "--methods", "presa", "--data_dir", str(empty))
+    assert (f"build with: python -m control build-data --tasks circle run --scale smoke --seed 0 "
+            f"--data_dir {empty}") in err
+    assert not (out / "runs").exists()
+
+
+def test_a_corrupted_run_file_is_named_and_redone(smoke_dataset, control_data_dir, tmp_path, capsys):
+    smoke_dataset("run")
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = _suite_args(out, work, control_data_dir, "--methods", "bc_safe", "--seeds", "0")
+    assert main(args) == 0
+    path = out / "runs" / "run__bc_safe__seed0.json"
+    good = read_run_file(path)
+    path.write_text(path.read_text()[:200])  # a half-written file
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"corrupted run file {path} (not readable JSON" in printed and "1 of 1 jobs ran" in printed
+    assert (path.parent / (path.name + ".corrupt")).exists()
+    assert read_run_file(path)["metrics"] == good["metrics"]  # redone (from its finished checkpoint)
+    # A run file of another job in its place is corrupted too.
+    path.write_text(json.dumps({**good, "seed": 5}))
+    assert main(args) == 0
+    assert "holds run ('run', 'bc_safe', 5)" in capsys.readouterr().out
+    with pytest.raises(SuiteError, match="is a 'smoke' run and this suite is 'small'"):
+        run_suite(["run"], ["bc_safe"], [0], "small", out, work_dir=work, data_dir=str(control_data_dir),
+                  say=lambda s: None)
