@@ -17,6 +17,9 @@ Design decisions:
   ``context_max`` pairs of the same user, ``context_seed``), the frozen context embedder
   (``context_encoder``: the policy's base model or MiniLM), the KL term (``kl_weight`` with
   ``kl_cycles`` of cyclic annealing) and the annotator column (``user_column``).
+* ``ddp_find_unused_parameters`` defaults to (and must be) False: the prior is trained through
+  the KL term alone, which DDP's unused-parameter search cannot see (it follows the model's
+  outputs), and every trained parameter is used in every step.
 * Defaults follow the authors' control code where it has a setting (latent size 4, learned
   prior, KL weight 1e-3 with 4 annealing cycles) and VPL's language-model code otherwise
   (2-8 context pairs, last-token embeddings of the frozen LM).
@@ -50,6 +53,18 @@ class SafeCPLConfig(PresaConfig):
 
     _trainer_name = "SafeCPLTrainer"
     _loss_option = "pref_loss ('cpl' or 'dpo') + the KL term (kl_weight)"
+
+    # ---------------------------------------------------------------- changed default
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters; must stay False for Safe-CPL (transformers would turn it on). "
+            "The learned prior gets its gradient through the KL term only, which is not a model output: DDP's "
+            "search for unused parameters would mark the prior unused at the end of the forward, then meet its "
+            "gradient in the backward ('marked as ready twice') and stop. Every trained parameter is used in every "
+            "step, so the search is not needed."
+        },
+    )
 
     # ---------------------------------------------------------------- the latent user variable
     latent_dim: int = field(
@@ -203,6 +218,10 @@ class SafeCPLConfig(PresaConfig):
         require(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
         require(self.kl_cycles >= 0, f"kl_cycles must be >= 0, got {self.kl_cycles}")
         require(0 < self.kl_cycle_ratio <= 1, f"kl_cycle_ratio must lie in (0, 1], got {self.kl_cycle_ratio}")
+        require(not self.ddp_find_unused_parameters,
+                "ddp_find_unused_parameters must be False for SafeCPLTrainer: the learned prior is reached only "
+                "through the KL term, not through the model's outputs, so DDP's unused-parameter search would mark "
+                "it unused and then fail on its gradient; every trained parameter is used in every step")
 
     @property
     def context_size(self) -> tuple[int, int]:

@@ -57,6 +57,8 @@ _CACHE_DIR = "safe_cpl_embeddings"
 _MERGE_SHARDS = 32  # merge a cache folder's shards when there are more than this many
 _FINGERPRINT_ELEMENTS = 4096  # leading elements of each base tensor that enter the fingerprint
 _POLICY_FEATURES = "policy-last-token-v1"
+_RUNTIME_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "pad_token_id", "use_cache",
+                        "output_hidden_states", "output_attentions", "return_dict", "output_router_logits")
 _MINILM_FEATURES = "minilm-l6-v2-mean-v1"
 
 
@@ -142,7 +144,7 @@ def model_fingerprint(model) -> str:
     hf = _transformers_model(model)
     digest = hashlib.sha256()
     config = hf.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "pad_token_id"):
+    for key in _RUNTIME_CONFIG_KEYS:  # set by trainers and loaders; the weights' meaning is unchanged
         config.pop(key, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, param in hf.named_parameters():

@@ -47,7 +47,8 @@ __all__ = [
     "conditioner_of",
     "example_noise",
     "example_noise_seed",
-    "prepend_soft_prompt",
+    "extend_for_soft_prompt",
+    "soft_prompt_embeds",
 ]
 
 #: Attribute of the transformers model that holds the conditioner (and its ``modules_to_save`` name).
@@ -202,19 +203,14 @@ def conditioner_of(model: nn.Module) -> LatentConditioner:
     raise ValueError(f"{CONDITIONER_NAME!r} is wrapped by {type(wrapped).__name__} with no active trained copy")
 
 
-def prepend_soft_prompt(model_kwargs: dict, soft: torch.Tensor, embed: nn.Module) -> dict:
-    """Replace ``input_ids`` by ``inputs_embeds`` with ``soft`` ``(N, P, H)`` in front.
+def extend_for_soft_prompt(model_kwargs: dict, p: int) -> dict:
+    """``attention_mask`` with ``p`` ones in front and ``labels`` (when present) with ``p`` times ``-100``.
 
-    ``attention_mask`` gets ``P`` ones in front and ``labels`` (when present) ``P`` times ``-100``,
-    so the prepended positions are attended to but never scored (the base sums the last
-    ``T - 1`` per-token log-probs only).
+    The ``p`` positions the soft prompt will occupy are attended to but never scored (the base
+    sums the last ``T - 1`` per-token log-probs only).
     """
-    input_ids = model_kwargs.pop("input_ids")
-    embeds = embed(input_ids)  # (N, T, H)
-    n, p = embeds.size(0), soft.size(1)
-    if soft.size(0) != n:
-        raise ValueError(f"soft prompt for {soft.size(0)} rows, batch has {n}")
-    model_kwargs["inputs_embeds"] = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
+    input_ids = model_kwargs["input_ids"]
+    n = input_ids.size(0)
     mask = model_kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
@@ -223,6 +219,14 @@ def prepend_soft_prompt(model_kwargs: dict, soft: torch.Tensor, embed: nn.Module
         labels = model_kwargs["labels"]
         model_kwargs["labels"] = torch.cat([labels.new_full((n, p), -100), labels], dim=1)
     return model_kwargs
+
+
+def soft_prompt_embeds(soft: torch.Tensor, input_ids: torch.Tensor, embed: nn.Module) -> torch.Tensor:
+    """``(N, P + T, H)``: the soft prompt ``(N, P, H)`` followed by the token embeddings of ``input_ids``."""
+    embeds = embed(input_ids)  # (N, T, H)
+    if soft.size(0) != embeds.size(0):
+        raise ValueError(f"soft prompt for {soft.size(0)} rows, batch has {embeds.size(0)}")
+    return torch.cat([soft.to(embeds.dtype), embeds], dim=1)
 
 
 # ---------------------------------------------------------------------- per-example noise

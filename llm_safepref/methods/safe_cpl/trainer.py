@@ -21,7 +21,12 @@ Design decisions:
   multiplier is built.
 * ``z`` conditions the policy through a soft prompt: the
   :class:`~llm_safepref.methods.safe_cpl.model.LatentConditioner` projects ``z`` to
-  ``n_soft_tokens`` vectors prepended to the input embeddings in :meth:`condition_model_inputs`.
+  ``n_soft_tokens`` vectors prepended to the input embeddings. :meth:`condition_model_inputs`
+  hands the context features to the policy forward as extra keyword arguments (and extends
+  ``attention_mask`` / ``labels`` by the soft prompt's positions); a forward pre-hook on the
+  policy's backbone runs the conditioner and builds ``inputs_embeds``. The conditioner thus
+  runs inside the DDP-wrapped forward, as DDP requires of trained parameters (called before
+  the forward, DDP marks its gradients ready twice and stops).
   **The reference sees no soft prompt**: it is the base model without adapter and without
   user tokens (as P-DPO), so ``S - S_ref`` measures what the adapter *and* ``z`` add.
 * The conditioner is registered on the model before PEFT wraps it and named in
@@ -70,12 +75,18 @@ from llm_safepref.methods.safe_cpl.model import (
     attach_conditioner,
     conditioner_of,
     example_noise,
-    prepend_soft_prompt,
+    extend_for_soft_prompt,
+    soft_prompt_embeds,
 )
 
 __all__ = ["LatentSample", "SafeCPLCollator", "SafeCPLTrainer"]
 
 logger = logging.getLogger(__name__)
+
+# Extra keyword arguments of the policy forward, consumed by the backbone's pre-hook (never reach the model).
+_FEATURES_KW = "safe_cpl_context_features"
+_MASK_KW = "safe_cpl_context_mask"
+_NOISE_KW = "safe_cpl_noise"
 
 
 @dataclass
@@ -214,6 +225,8 @@ class SafeCPLTrainer(PresaTrainer):
         if self._fresh_conditioner:
             train_features = tables[0]
             active.set_feature_stats(train_features.mean(0), train_features.std(0, unbiased=False))
+        backbone = self.model.get_base_model().base_model  # e.g. LlamaModel, called inside the forward
+        self._hook_handle = backbone.register_forward_pre_hook(self._conditioning_hook, with_kwargs=True)
         if args.freeze_encoder:
             active.frozen_encoder = True
             for module in (active.encoder, active.prior):
@@ -261,21 +274,39 @@ class SafeCPLTrainer(PresaTrainer):
 
     def condition_model_inputs(self, model, model_kwargs: dict[str, Any], labels: dict[str, Any], *,
                                reference: bool) -> dict[str, Any]:
+        """The policy forward gets the context features, their mask and the noise as extra keyword
+        arguments, and ``attention_mask`` / ``labels`` extended by the ``P`` soft-prompt positions; the
+        backbone's pre-hook (:meth:`_conditioning_hook`) turns them into the soft prompt. The reference
+        forward is left as it is: the base model, no adapter, no soft prompt (as P-DPO)."""
         if reference:
-            return model_kwargs  # the reference is the base model: no adapter, no soft prompt (P-DPO)
+            return model_kwargs
         index = labels[CONTEXT_INDEX]  # (B, K) int64, -1 = padding
-        mask = index >= 0
-        features = self._context_table[index.clamp(min=0)]  # (B, K, D)
-        conditioner = conditioner_of(model)
-        noise = None
+        model_kwargs[_FEATURES_KW] = self._context_table[index.clamp(min=0)]  # (B, K, D)
+        model_kwargs[_MASK_KW] = index >= 0
         if model.training:
-            noise = example_noise(self.args.seed, labels[EXAMPLE_INDEX], self.state.global_step,
-                                  conditioner.config.latent_dim).to(features.device)
+            model_kwargs[_NOISE_KW] = example_noise(self.args.seed, labels[EXAMPLE_INDEX], self.state.global_step,
+                                                    self.args.latent_dim).to(self._context_table.device)
+        return extend_for_soft_prompt(model_kwargs, self.args.n_soft_tokens)
+
+    def _conditioning_hook(self, backbone, args, kwargs):
+        """Forward pre-hook of the policy's backbone: context -> q(z) -> z -> soft prompt, as ``inputs_embeds``.
+
+        Why a hook: it runs INSIDE the (DDP-wrapped) model's forward, so DDP sees the conditioner's
+        parameters used in its forward and reduces their gradients; a conditioner called before the
+        forward (in :meth:`condition_model_inputs`) breaks DDP's gradient bookkeeping.
+        """
+        features = kwargs.pop(_FEATURES_KW, None)
+        if features is None:
+            return None  # the reference, generation, anyone else: unchanged
+        mask, noise = kwargs.pop(_MASK_KW), kwargs.pop(_NOISE_KW, None)
+        input_ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
+        conditioner = self.conditioner
         soft, mu, logvar, z = conditioner(features, mask, noise)  # (B, P, H), (B, d) x 3
         self._latent = LatentSample(mu=mu, logvar=logvar, z=z, kl=conditioner.kl(mu, logvar))
-        embed = self.accelerator.unwrap_model(model).get_input_embeddings()
         # Rows i and B + i are the chosen and rejected response of pair i: the same user, the same z.
-        return prepend_soft_prompt(model_kwargs, torch.cat([soft, soft]), embed)
+        kwargs["inputs_embeds"] = soft_prompt_embeds(torch.cat([soft, soft]), input_ids,
+                                                     backbone.get_input_embeddings())
+        return (), kwargs
 
     # ------------------------------------------------------------------ the loss
 
