@@ -270,6 +270,52 @@ def test_minilm_context_encoder_option(tiny_model_path, tmp_path):
     torch.testing.assert_close(trainer._context_table[0].cpu(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_frozen_given_conditioner_keeps_encoder_and_prior(trained, tiny_model_path, tmp_path):
+    """freeze_encoder with a conditioner from an earlier run: the encoder, the prior and the feature
+    statistics stay as given; the projection and the adapter train."""
+    import copy
+
+    given = copy.deepcopy(trained["trainer"].conditioner)
+    model, tok = load(tiny_model_path)
+    args = SafeCPLConfig(output_dir=str(tmp_path), **{**SMALL, "max_steps": 3, "freeze_encoder": True,
+                                                      "kl_weight": 0.1, "kl_cycles": 0})
+    trainer = SafeCPLTrainer(model, args=args, train_dataset=Dataset.from_list(crowd_rows()), processing_class=tok,
+                             peft_config=lora_config(), conditioner=given)
+    start = {k: v.clone() for k, v in trainer.conditioner.state_dict().items()}
+    trainer.train()
+    end = trainer.conditioner.state_dict()
+    for key, value in start.items():
+        if key.startswith(("encoder.", "prior.", "feature_")):
+            assert torch.equal(end[key], value), key
+    assert not torch.equal(end["projection.2.weight"], start["projection.2.weight"])
+    assert torch.equal(start["feature_mean"], trained["trainer"].conditioner.feature_mean)
+    wrong = copy.deepcopy(given)
+    with pytest.raises(ValueError, match=r"latent_dim=4 \(this run: 3\)"):
+        SafeCPLTrainer(load(tiny_model_path)[0], args=SafeCPLConfig(output_dir=str(tmp_path), **SMALL, latent_dim=3),
+                       train_dataset=Dataset.from_list(crowd_rows()), processing_class=tok,
+                       peft_config=lora_config(), conditioner=wrong)
+
+
+def test_crowd_loader_context_sets_are_used_as_drawn(tiny_model_path, tmp_path):
+    """A crowd file loaded by llm_safepref.crowd (context sets drawn there) trains as it is; eval
+    pools index their own block of the feature table."""
+    from llm_safepref.crowd import load_crowd_dataset
+
+    path = tmp_path / "crowd.jsonl"
+    rows = [{**{k: v for k, v in r.items() if k != "user_id"}, "annotator": r["user_id"]} for r in crowd_rows()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_crowd_dataset(str(path), user_column="annotator", context_size=(2, 4), context_seed=3)
+    model, tok = load(tiny_model_path)
+    trainer = SafeCPLTrainer(model, args=SafeCPLConfig(output_dir=str(tmp_path / "o"), **SMALL), train_dataset=ds,
+                             eval_dataset={"heldout": ds}, processing_class=tok, peft_config=lora_config())
+    row_of = {p: i for i, p in enumerate(ds["pair_id"])}
+    for drawn, index in zip(ds["context_pair_ids"], trainer.train_dataset[CONTEXT_INDEX]):
+        assert [i for i in index if i >= 0] == [row_of[p] for p in drawn]
+    for drawn, index in zip(ds["context_pair_ids"], trainer.eval_dataset["heldout"][CONTEXT_INDEX]):
+        assert [i for i in index if i >= 0] == [len(ds) + row_of[p] for p in drawn]
+    assert trainer._context_table.shape == (2 * len(ds), trainer.conditioner.config.pair_dim)
+
+
 # ----------------------------------------------------------------------------- personalisation
 
 
