@@ -303,7 +303,12 @@ def test_recipe_evaluates_on_a_benchmark_folder(tiny_model_path, tmp_path):
     assert metrics["after"]["adapter"] == str(out)
     table = proc.stdout.split("dpo run finished: 2 steps", 1)[1]
     assert "harmful_compliance_rate" in table and "\nbase " in table and "\ndpo " in table
-    assert "| base |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| base |" in card
+    # The card carries the headline rates with their intervals, not every field of the evaluation.
+    assert "harmful_compliance_rate (95% CI)" in card
+    assert "judge_kind" not in card and " interval |" not in card
+    assert metrics["hyperparameters"] is not None and metrics["before"]["judge_kind"] == "packaged"
 
 
 @pytest.mark.slow

@@ -63,6 +63,17 @@ class RecipeArguments(ScriptArguments):
         metadata={"help": "Evaluate on at most N prompts of each category (harmful, benign, look-dangerous)."},
     )
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the evaluation."})
+    eval_judge: str = field(
+        default="packaged",
+        metadata={"help": "Judge of the evaluation: 'packaged' (the toolkit's judge), a Hugging Face "
+                          "sequence-classification model (Hub id or local path), or a Python callable "
+                          "'module:function' taking (prompts, responses). Recorded in every results file."},
+    )
+    eval_judge_audit: str | None = field(
+        default=None,
+        metadata={"help": "Audit file of the judge's measured sensitivity / specificity (results/judge_audit.json "
+                          "schema): adds judge-corrected rates (Rogan–Gladen) with intervals."},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Generation batch size of the evaluation."})
     results_file: str | None = field(
         default=None, metadata={"help": "Also write the run's metrics JSON here (default: <output_dir>/run_metrics.json)."}

@@ -248,7 +248,9 @@ class RecipeRun:
         for path in filter(None, [self.output_dir / "run_metrics.json", self.script_args.results_file]):
             write_json(path, metrics)
         method = self.recipe.method
-        eval_table = {k: v for k, v in {"base": self.before, method: self.after}.items() if v is not None} or None
+        # The card shows the headline rates with their 95% intervals; everything else stays in run_metrics.json.
+        eval_table = {name: _card_row(rates) for name, rates in {"base": self.before, method: self.after}.items()
+                      if rates is not None} or None
         write_model_card(
             self.output_dir, base_model=self.base_model, method=method, dataset=str(self.script_args.dataset_name),
             hyperparameters=redact(metrics["hyperparameters"]), eval_table=eval_table,
@@ -293,6 +295,20 @@ class RecipeRun:
         if hasattr(self.trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
             self.trainer.end()
         return code
+
+
+def _card_row(rates: dict) -> dict:
+    """The model card's row of one evaluation: each headline rate, its interval as text, and the prompt count."""
+    from llm_safepref.core.tables import format_with_ci
+
+    row: dict = {}
+    for key in RATE_KEYS:
+        row[key] = rates.get(key)
+        if rates.get(f"{key}_ci") is not None:
+            row[f"{key} (95% CI)"] = format_with_ci(rates.get(key), rates.get(f"{key}_ci"))
+    if rates.get("n_prompts") is not None:
+        row["n_prompts"] = rates["n_prompts"]
+    return row
 
 
 def before_after_table(evaluations: dict[str, dict | None]) -> str:
