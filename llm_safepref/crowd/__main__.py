@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
+from llm_safepref._runtime import offline_defaults
 from llm_safepref.core.cli import ToolParser
 
 
@@ -48,9 +48,7 @@ def _parser() -> ToolParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     args = _parser().parse_args(argv)
     if args.cmd == "users":
         from llm_safepref.core.tables import markdown_table

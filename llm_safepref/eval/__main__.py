@@ -12,10 +12,10 @@ is an ``error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 
+from llm_safepref._runtime import offline_defaults
 from llm_safepref.core.cli import ToolParser
 
 
@@ -72,9 +72,7 @@ def build_parser() -> ToolParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     args = build_parser().parse_args(argv)
 
     import torch

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from llm_safepref._runtime import offline_defaults
 from llm_safepref.core.cli import ToolParser
 
 
@@ -75,8 +76,7 @@ def build_parser() -> ToolParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    offline_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.out is not None and args.replace_packaged:

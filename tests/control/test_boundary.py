@@ -19,8 +19,18 @@ pytestmark = pytest.mark.control
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "control"
-FILES = sorted(PACKAGE.glob("*.py"))
-MODULES = {("control" if f.stem == "__init__" else f"control.{f.stem}"): f for f in FILES}
+FILES = sorted(PACKAGE.rglob("*.py"))  # control/ and its subpackages (control/learners/)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(f): f for f in FILES}
+#: The package root's own machinery, loaded by ``import llm_safepref`` before any subpackage;
+#: standard library only (checked below), so it carries nothing of the language-model side.
+PACKAGE_ROOT_MODULES = {"llm_safepref", "llm_safepref._runtime"}
 
 
 def _tree(path: Path) -> ast.Module:
@@ -81,7 +91,14 @@ def test_importing_a_control_module_loads_no_other_llm_safepref_module(module):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [m for m in loaded if m != "llm_safepref" and not m.startswith("llm_safepref.core")] == []
+    assert [m for m in loaded if m not in PACKAGE_ROOT_MODULES and not m.startswith("llm_safepref.core")] == []
+
+
+def test_the_package_root_machinery_is_standard_library_only():
+    tree = _tree(ROOT / "llm_safepref" / "_runtime.py")
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
 def test_control_modules_import_each_other_at_module_level_without_a_cycle():
