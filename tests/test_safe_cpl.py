@@ -197,6 +197,18 @@ def test_kl_schedule_and_losses_logged(trained):
     assert Metric.NU not in logs[0]  # no safety term, no multiplier
 
 
+def test_gradient_accumulation_matches_one_batch(tiny_model_path, tmp_path):
+    """2 micro-batches of 4 = 1 batch of 8, step by step: the noise follows the example, not the batch."""
+    runs = []
+    for name, kwargs in (("one", {}), ("two", dict(per_device_train_batch_size=4, gradient_accumulation_steps=2))):
+        trainer = make_trainer(tiny_model_path, tmp_path / name, max_steps=3, kl_weight=0.1, kl_cycles=0, **kwargs)
+        trainer.train()
+        runs.append([e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e])
+    for a, b in zip(*runs):
+        for key in ("loss", Metric.LATENT_KL, Metric.PREFERENCE_LOSS):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+
+
 def test_reference_sees_no_soft_prompt(tiny_model_path, tmp_path):
     trainer = make_trainer(tiny_model_path, tmp_path)
     batch = first_batch(trainer)

@@ -135,7 +135,7 @@ class SafeCPLTrainer(PresaTrainer):
     _name = "Safe-CPL"
     # Only what methods.md records about the paper (no invented fields).
     _paper = {
-        "title": "Safe-CPL: skills from crowd preferences with a shared notion of safety",
+        "title": "Safe-VPL / Safe-CPL",
         "id": "2605.21822",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
@@ -299,14 +299,17 @@ class SafeCPLTrainer(PresaTrainer):
         if features is None:
             return None  # the reference, generation, anyone else: unchanged
         mask, noise = kwargs.pop(_MASK_KW), kwargs.pop(_NOISE_KW, None)
-        input_ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
+        if "input_ids" in kwargs:
+            input_ids = kwargs.pop("input_ids")
+        else:  # positional input_ids (TRL and the base pass keywords; kept for other callers)
+            input_ids, args = args[0], args[1:]
         conditioner = self.conditioner
         soft, mu, logvar, z = conditioner(features, mask, noise)  # (B, P, H), (B, d) x 3
         self._latent = LatentSample(mu=mu, logvar=logvar, z=z, kl=conditioner.kl(mu, logvar))
         # Rows i and B + i are the chosen and rejected response of pair i: the same user, the same z.
         kwargs["inputs_embeds"] = soft_prompt_embeds(torch.cat([soft, soft]), input_ids,
                                                      backbone.get_input_embeddings())
-        return (), kwargs
+        return args, kwargs
 
     # ------------------------------------------------------------------ the loss
 
