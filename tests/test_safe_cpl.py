@@ -125,7 +125,8 @@ def test_config_fields_help_and_checks(tmp_path):
            (dict(encoder_hidden_size=30, encoder_num_heads=4), "encoder_num_heads"),
            (dict(n_soft_tokens=0), "n_soft_tokens"), (dict(kl_cycle_ratio=0.0), "kl_cycle_ratio"),
            (dict(pref_loss="ipo"), "preference loss"),
-           (dict(ddp_find_unused_parameters=True), "ddp_find_unused_parameters must be False"), (dict(loss_type=["ipo"]), "SafeCPLTrainer uses pref_loss")]
+           (dict(ddp_find_unused_parameters=True), "ddp_find_unused_parameters must be False"),
+           (dict(loss_type=["ipo"]), "SafeCPLTrainer uses pref_loss")]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             SafeCPLConfig(output_dir=str(tmp_path), **kwargs)
@@ -396,8 +397,8 @@ def test_save_load_round_trip_gives_identical_logits(trained, artefact):
     prompts = ["question 1?", "question 7? and more"]
     context = [r for r in crowd_rows() if r["user_id"] == "b"][:3]
     for kwargs in ({}, {"user": "a"}, {"context": context}, {"z": [0.5, -1.0, 0.0, 2.0]}):
-        torch.testing.assert_close(loaded.next_token_logits(prompts, **kwargs), live.next_token_logits(prompts, **kwargs),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded.next_token_logits(prompts, **kwargs),
+                                   live.next_token_logits(prompts, **kwargs), rtol=0, atol=1e-5)
     assert loaded.generate(prompts, user="b", max_new_tokens=6) == live.generate(prompts, user="b", max_new_tokens=6)
     # A batch decodes as each prompt alone (left padding before the soft prompt keeps the positions).
     alone = [loaded.generate([p], user="b", max_new_tokens=6)[0] for p in prompts]

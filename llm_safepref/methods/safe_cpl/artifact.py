@@ -1,15 +1,16 @@
 """The Safe-CPL artefact: one folder with everything a conditioned policy needs, saved, loaded, published.
 
-Folder layout (every checkpoint has the first four; :func:`save_artifact` adds the rest):
+Folder layout (every checkpoint has the first four, ``lagrange.json`` only with the safety term;
+:func:`save_artifact` adds the rest):
 
-| file | what |
-|---|---|
-| ``adapter_config.json``, ``adapter_model.safetensors`` | the LoRA adapter AND the conditioner (encoder, prior, projection, feature statistics), as PEFT ``modules_to_save`` |
-| tokenizer files | the tokenizer the policy was trained with |
-| ``safe_cpl.json`` | :data:`SPEC_FORMAT`: the base model, the conditioner's shapes, the context embedder and its id, the context-set sizes, the run record |
-| ``lagrange.json`` | nu, with ``safety_term`` (written by the base trainer) |
-| ``users.json`` | every training user's z (mean posterior mean over the user's examples) |
-| ``README.md`` | the model card (``llm_safepref.publish.write_model_card`` + Safe-CPL's sections) |
+* ``adapter_config.json``, ``adapter_model.safetensors``: the LoRA adapter AND the conditioner
+  (encoder, prior, projection, feature statistics), as PEFT ``modules_to_save``;
+* tokenizer files: the tokenizer the policy was trained with;
+* ``safe_cpl.json`` (:data:`SPEC_FORMAT`): the base model, the conditioner's shapes, the context
+  embedder and its id, the context-set sizes, the run record;
+* ``lagrange.json``: nu, with ``safety_term`` (written by the base trainer);
+* ``users.json``: every training user's z (mean posterior mean over the user's examples);
+* ``README.md``: the model card (``llm_safepref.publish.write_model_card`` + Safe-CPL's sections).
 
 Design decisions:
 

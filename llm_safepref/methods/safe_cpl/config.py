@@ -111,7 +111,8 @@ class SafeCPLConfig(PresaConfig):
     )
     projection_hidden_size: int = field(
         default=256,
-        metadata={"help": "Hidden size of the projection z -> (n_soft_tokens, model hidden size): Linear, tanh, Linear."},
+        metadata={"help": "Hidden size of the projection z -> (n_soft_tokens, model hidden size): Linear, tanh, "
+                          "Linear."},
     )
 
     # ---------------------------------------------------------------- context sets
