@@ -664,3 +664,13 @@ def test_two_gloo_processes_match_one_process(tiny_model_path, tmp_path, child):
         for key in ("loss", Metric.LATENT_KL, Metric.PREFERENCE_LOSS):
             assert eb[key] == pytest.approx(ea[key], abs=1e-4), (ea["step"], key)
     torch.testing.assert_close(torch.tensor(b["conditioner"]), torch.tensor(a["conditioner"]), rtol=0, atol=1e-4)
+
+
+def test_package_is_light_and_the_tool_answers_help():
+    code = ("import sys, llm_safepref.methods.safe_cpl as m; "
+            "print(sorted(k for k in ('trl', 'transformers', 'peft', 'datasets') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    helped = subprocess.run([sys.executable, "-m", "llm_safepref.methods.safe_cpl", "--help"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert helped.returncode == 0 and "generate" in helped.stdout and "users" in helped.stdout

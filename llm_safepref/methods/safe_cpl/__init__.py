@@ -23,7 +23,7 @@ Names load on first use (importing this package imports neither trl nor transfor
 
 from __future__ import annotations
 
-import importlib
+from llm_safepref._runtime import lazy_exports
 
 _LAZY = {
     "SafeCPLConfig": "llm_safepref.methods.safe_cpl.config",
@@ -46,16 +46,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -8,7 +8,8 @@
 file of annotated pairs (JSONL rows with ``prompt`` / ``chosen`` / ``rejected``, the chosen one
 preferred by the user), on a training user's z (``--user``), or, with none of them, on the
 prior mean. Flags are ``--snake_case`` (``--kebab-case`` accepted). Errors go to stderr with
-exit status 1.
+exit status 1. Offline by default, as every tool of the toolkit: set ``HF_HUB_OFFLINE=0`` to
+download a Hub repo id that is not in the Hugging Face cache yet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from llm_safepref._runtime import offline_defaults
 from llm_safepref.core.cli import ToolParser
 
 __all__ = ["build_parser", "main", "read_context_file"]
@@ -95,6 +97,7 @@ def _parse_z(text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    offline_defaults()  # every tool's defaults; HF_HUB_OFFLINE=0 in the environment to fetch a Hub id
     args = build_parser().parse_args(argv)
     try:
         from llm_safepref.methods.safe_cpl.generate import SafeCPLPolicy
