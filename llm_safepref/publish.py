@@ -81,7 +81,9 @@ _METHODS = {
         "signed by the binary safety label and ν ≥ 0 is a Lagrange multiplier updated by projected "
         "dual ascent during training."
     ),
-    "safe-cpl": "Safe-CPL: contrastive preference learning with a safety constraint handled by a Lagrange multiplier ν.",
+    "safe-cpl": "Safe-CPL (stage 1): a policy conditioned on a latent user variable z, learned from crowd preferences "
+                "with the CPL loss and a KL term toward the prior, so every skill z inherits the crowd's shared safety "
+                "(optionally with PRESA's Lagrangian safety-label term).",
     "cpl": "CPL: contrastive preference learning on preference pairs (no safety term).",
     "dpo": "DPO: direct preference optimisation on preference pairs (TRL's DPOTrainer), no safety term.",
     "kto": "KTO: Kahneman-Tversky optimisation on responses labelled desirable / undesirable (TRL's KTOTrainer).",

@@ -250,7 +250,7 @@ def test_compatibility_paths_are_the_new_objects():
 
 def test_methods_registry():
     assert get_method("presa") == (PresaConfig, PresaTrainer)
-    assert set(METHODS) == {"presa"}
+    assert set(METHODS) == {"presa", "safe_cpl"}
     with pytest.raises(ValueError, match="valid names: presa"):
         get_method("nope")
 
