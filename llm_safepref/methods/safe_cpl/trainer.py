@@ -135,12 +135,12 @@ class SafeCPLTrainer(PresaTrainer):
     _name = "Safe-CPL"
     # Only what methods.md records about the paper (no invented fields).
     _paper = {
-        "title": "Safe-VPL / Safe-CPL",
+        "title": "Implicit Safety Alignment from Crowd Preferences",
         "id": "2605.21822",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
             @misc{lin2026safecpl,
-                title         = {{Safe-VPL / Safe-CPL}},
+                title         = {{Implicit Safety Alignment from Crowd Preferences}},
                 author        = {Lin and Brown},
                 note          = {ICML 2026},
                 year          = 2026,
