@@ -526,3 +526,23 @@ def test_small_build_is_deterministic(small_crowd, tiny_model_path, tmp_path):
     for name in ("samples.jsonl", "crowd_train.jsonl", "crowd_train_imbalanced.jsonl", "heldout_test.jsonl",
                  "pools.json"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_the_shipped_build_is_complete_and_clean(monkeypatch, tmp_path):
+    """The crowd-v1 seed-0 build ships in the package: complete, prompts bare, splits disjoint."""
+    from llm_safepref.crowd import STYLE_INSTRUCTIONS, load_crowd_dataset
+    from llm_safepref.crowd.load import crowd_folder, packaged_crowd_dir
+
+    monkeypatch.delenv("LLM_SAFEPREF_CROWD_DIR", raising=False)
+    monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "empty-cache"))
+    assert crowd_folder() == packaged_crowd_dir(0)
+    manifest = json.loads((packaged_crowd_dir(0) / "manifest.json").read_text())
+    assert manifest["truncated"] is False and manifest["version"] == "crowd-v1"
+    train = load_crowd_dataset("embedded", split="train")
+    test = load_crowd_dataset("embedded", split="test")
+    assert len(train) == manifest["counts"]["crowd_train.jsonl"]["n_pairs"] == 3696
+    assert set(train["user_id"]) == {"concise", "structured", "summary_first", "second_person", "one_paragraph"}
+    instructions = list(STYLE_INSTRUCTIONS.values())
+    for prompt in set(train["prompt"]):
+        assert not any(text in prompt for text in instructions), prompt
+    assert not set(train["prompt"]) & set(test["prompt"])

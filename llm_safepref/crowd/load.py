@@ -41,11 +41,25 @@ class CrowdDataError(ValueError):
     """Raised for crowd-specific problems of a dataset (missing user column, ...)."""
 
 
+#: The seed-0 build shipped inside the package (see data_cards/crowd_preferences.md).
+PACKAGED_DIR = Path(__file__).resolve().parent / "built"
+
+
+def packaged_crowd_dir(seed: int = 0) -> Path:
+    """``llm_safepref/crowd/built/<version>-seed<seed>`` (shipped for seed 0)."""
+    return PACKAGED_DIR / crowd_dir(seed).name
+
+
 def crowd_folder() -> Path:
-    """The folder ``"embedded"`` names (built or not)."""
+    """The folder ``"embedded"`` names: ``$LLM_SAFEPREF_CROWD_DIR``, else a complete build in the
+    cache, else the build shipped with the package (built or not)."""
     if os.environ.get("LLM_SAFEPREF_CROWD_DIR"):
         return Path(os.environ["LLM_SAFEPREF_CROWD_DIR"])
-    return crowd_dir(int(os.environ.get("LLM_SAFEPREF_CROWD_SEED", "0")))
+    seed = int(os.environ.get("LLM_SAFEPREF_CROWD_SEED", "0"))
+    cached = crowd_dir(seed)
+    if not is_crowd_built(cached) and is_crowd_built(packaged_crowd_dir(seed)):
+        return packaged_crowd_dir(seed)
+    return cached
 
 
 def _text(value) -> str:
