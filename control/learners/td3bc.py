@@ -90,6 +90,25 @@ class Critic(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+def twin_td_step(critics: tuple[nn.Module, nn.Module], targets: tuple[nn.Module, nn.Module],
+                 b: dict[str, torch.Tensor], a2: torch.Tensor, signal: torch.Tensor, *, gamma: float,
+                 reduce, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """One TD step of a twin critic on ``signal + gamma * not_done * reduce(Q1', Q2')``.
+
+    ``reduce=torch.min`` for a reward critic (clipped double Q, pessimistic about reward);
+    ``torch.max`` for a cost critic (pessimistic about cost). Returns ``(loss, mean Q1)``.
+    """
+    with torch.no_grad():
+        q_t = reduce(targets[0](b["obs2"], b["goal"], a2), targets[1](b["obs2"], b["goal"], a2))
+        target = signal + gamma * b["not_done"] * q_t
+    q1, q2 = critics[0](b["obs"], b["goal"], b["act"]), critics[1](b["obs"], b["goal"], b["act"])
+    loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item(), q1.mean().item()
+
+
 @torch.no_grad()
 def polyak(net: nn.Module, target: nn.Module, tau: float) -> None:
     for p, pt in zip(net.parameters(), target.parameters()):
@@ -147,17 +166,9 @@ class TD3BCLearner(Learner):
         return (self.actor_t(b["obs2"], b["goal"]) + noise.clamp(-cfg.noise_clip, cfg.noise_clip)).clamp(-1, 1)
 
     def critic_step(self, b: dict[str, torch.Tensor], a2: torch.Tensor) -> dict[str, float]:
-        cfg = self.config
-        with torch.no_grad():
-            q_t = torch.min(self.q1_t(b["obs2"], b["goal"], a2), self.q2_t(b["obs2"], b["goal"], a2))
-            target = b["reward"] + cfg.gamma * b["not_done"] * q_t
-        q1, q2 = self.q1(b["obs"], b["goal"], b["act"]), self.q2(b["obs"], b["goal"], b["act"])
-        loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        opt = self.optimizers["critic"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return {"loss/critic": loss.item(), "q/mean": q1.mean().item()}
+        loss, q1_mean = twin_td_step((self.q1, self.q2), (self.q1_t, self.q2_t), b, a2, b["reward"],
+                                     gamma=self.config.gamma, reduce=torch.min, optimizer=self.optimizers["critic"])
+        return {"loss/critic": loss, "q/mean": q1_mean}
 
     def actor_objective(self, b: dict[str, torch.Tensor], pi: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) the value the actor ascends, Q1(s, g, pi(s, g)), and its metrics."""

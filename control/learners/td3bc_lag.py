@@ -21,10 +21,9 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from control.data import Dataset
-from control.learners.td3bc import Critic, TD3BCConfig, TD3BCLearner, polyak
+from control.learners.td3bc import Critic, TD3BCConfig, TD3BCLearner, polyak, twin_td_step
 from control.learners.td3bc import config_for as td3bc_config_for
 from llm_safepref.core.lagrange import LagrangeMultiplier, PIDLagrangeMultiplier
 from llm_safepref.core.schema import Metric
@@ -90,17 +89,10 @@ class TD3BCLagLearner(TD3BCLearner):
 
     def critic_step(self, b, a2):
         metrics = super().critic_step(b, a2)
-        cfg = self.config
-        with torch.no_grad():
-            qc_t = torch.max(self.qc1_t(b["obs2"], b["goal"], a2), self.qc2_t(b["obs2"], b["goal"], a2))
-            target = b["cost"] + cfg.gamma * b["not_done"] * qc_t
-        qc1, qc2 = self.qc1(b["obs"], b["goal"], b["act"]), self.qc2(b["obs"], b["goal"], b["act"])
-        loss = F.mse_loss(qc1, target) + F.mse_loss(qc2, target)
-        opt = self.optimizers["cost_critic"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        metrics.update({"loss/cost_critic": loss.item(), "qc/mean": qc1.mean().item()})
+        loss, qc1_mean = twin_td_step((self.qc1, self.qc2), (self.qc1_t, self.qc2_t), b, a2, b["cost"],
+                                      gamma=self.config.gamma, reduce=torch.max,
+                                      optimizer=self.optimizers["cost_critic"])
+        metrics.update({"loss/cost_critic": loss, "qc/mean": qc1_mean})
         return metrics
 
     def actor_objective(self, b, pi):
