@@ -17,6 +17,8 @@ oracle     TD3+BC on task reward - 10 x true cost (``oracle``)
 rc_<w>     TD3+BC on (1 - w) r_task + w r_hat, one Bradley–Terry r_hat of the crowd (``rc``);
            w in 0.25, 0.5, 0.75; needs the ``reward_model`` artefact
 td3bc_lag  TD3+BC with a cost critic and a (PID) Lagrange multiplier on E[C] <= kappa (``td3bc_lag``)
+safe_cpl   Safe-CPL: latent-user CPL on the crowd (encoder trained jointly), then stage 2 (``safe_cpl``)
+safe_vpl   Safe-VPL: VAE reward model of the crowd, z-conditioned TD3+BC, then stage 2 (``safe_vpl``)
 ========== ====================================================================================
 
 Design decisions:
@@ -26,7 +28,8 @@ Design decisions:
   control's own.
 - Shared artefacts (:data:`ARTEFACTS`; today the reward model of RC) are trained once per
   (task, seed) by :func:`train_artefact`, resumable like a run, and passed to the methods that
-  ``require`` them as folders.
+  ``require`` them as folders. Safe-CPL and Safe-VPL need none: each trains its own encoder
+  and its stage 1 and stage 2 in one resumable run (``control.learners.composition``).
 - Config overrides come as ``{"field": value}`` or ``{"objective.safety_delta": value}`` for
   a nested config; strings (from the command line) are converted to the field's type.
 """
@@ -43,7 +46,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from control.data import DataError, VERSION, dataset_path, load_dataset
-from control.learners import bc_safe, cpl, oracle, presa, rc, reward_model, task_only, td3bc_lag
+from control.learners import bc_safe, cpl, oracle, presa, rc, reward_model, safe_cpl, safe_vpl, task_only, td3bc_lag
 from control.learners.base import CheckpointMismatch, evaluate_downstream, run_learner
 
 __all__ = ["MethodSpec", "METHODS", "ARTEFACTS", "method_names", "get_method", "default_config", "apply_overrides",
@@ -77,6 +80,10 @@ METHODS: dict[str, MethodSpec] = {
                                defaults=(("weight", w),), requires=("reward_model",)) for w in rc.RC_WEIGHTS},
     "td3bc_lag": MethodSpec("td3bc_lag", td3bc_lag.TD3BCLagLearner, td3bc_lag.config_for,
                             "TD3+BC with a cost critic and a PID Lagrange multiplier on E[C] <= kappa"),
+    "safe_cpl": MethodSpec("safe_cpl", safe_cpl.SafeCPLLearner, safe_cpl.config_for,
+                           "Safe-CPL: latent-user CPL on the crowd, then composition over the prior (stage 2)"),
+    "safe_vpl": MethodSpec("safe_vpl", safe_vpl.SafeVPLLearner, safe_vpl.config_for,
+                           "Safe-VPL: VAE reward model, z-conditioned TD3+BC, then composition (stage 2)"),
 }
 
 #: Shared artefacts: name -> (learner class, config factory).
