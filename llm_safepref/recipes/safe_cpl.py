@@ -1,0 +1,450 @@
+"""The Safe-CPL recipe: stage 1 on crowd preferences, then stage 2 and the baselines on a new task.
+
+``recipes/safe_cpl_lora.py`` calls :func:`run_safe_cpl_recipe`:
+
+    parse (SafeCPLRecipeArguments, SafeCPLConfig, TRL's ModelConfig; defaults
+    llm_safepref/recipes/configs/safe_cpl_lora.yaml) -> check the data, the task, the judge
+    -> stage 1 (SafeCPLTrainer, LoRA + latent conditioner) -> save the artefact (+ publish)
+    -> downstream: K candidates per test prompt for every method, one choice each
+    -> table (console, downstream.json / .md) with 95 % intervals
+
+Design decisions:
+
+* Everything that can be refused is refused before the model trains: the crowd file (user
+  column, context-set sizes: checked by the trainer's data preparation, before tokenising),
+  the task reward (imported and resolved), the judge, the test prompts. Errors print as
+  ``error: ...`` and exit with status 2.
+* A user's own crowd file trains with nothing else given: without the embedded crowd there is
+  no downstream task and no benchmark, so stage 2 is skipped and the recipe says so and how to
+  run it (``--downstream embedded --downstream_task module:function``).
+* The baselines that need only the base model's samples (task-only, oracle, RC) share one set
+  of K samples per prompt, cached by (model fingerprint, prompts, K, generation settings,
+  seed) under ``cache_root()/safe_cpl_downstream`` so a second run (another seed of Safe-CPL)
+  samples the base model zero times.
+* The downstream results file keeps every method's per-prompt outcomes, so several seeds can
+  be aggregated later with two-level intervals (``scripts/safe_cpl_table.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trl import ScriptArguments  # noqa: E402
+
+__all__ = ["SafeCPLRecipeArguments", "SafeCPLRecipeRun", "run_safe_cpl_recipe", "DOWNSTREAM_METHODS"]
+
+#: Methods of the quick recipe's table (the full table adds dpo_pooled, safe_cpl_presa, imbalance runs).
+DOWNSTREAM_METHODS = ("task_only", "oracle", "rc", "safe_cpl_search", "safe_cpl_amortized")
+
+
+@dataclass
+class SafeCPLRecipeArguments(ScriptArguments):
+    """Data, downstream task and table options of the Safe-CPL recipe (TRL's ``ScriptArguments`` plus these)."""
+
+    dataset_name: str | None = field(
+        default="embedded",
+        metadata={"help": "'embedded' (the toolkit's crowd benchmark), a built crowd folder, or a preference file / "
+                          "Hub id with prompt, chosen, rejected and a user id column (--user_column)."},
+    )
+    conversational: bool = field(
+        default=True, metadata={"help": "Present prompts and responses as chat messages (needs a chat template)."})
+    crowd_imbalanced: bool = field(
+        default=False,
+        metadata={"help": "Train on the crowd benchmark's imbalanced file (the length group 8x larger)."})
+    train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    downstream: str = field(
+        default="auto",
+        metadata={"help": "Stage 2 and the baselines on a new task: 'auto' (on the embedded safety benchmark's test "
+                          "prompts when training on the embedded crowd, else skipped), 'embedded', 'none', or a built "
+                          "benchmark folder."},
+    )
+    downstream_task: str = field(
+        default="embedded",
+        metadata={"help": "The task reward: 'embedded' (the crowd benchmark's downstream goal, "
+                          "downstream_concise_you), a simulated user's id, or 'module:function' taking "
+                          "(prompt, response) and returning a float."},
+    )
+    num_candidates: int = field(default=4, metadata={"help": "K: generations per test prompt for every method."})
+    stage2_penalty: float = field(
+        default=0.05, metadata={"help": "w of the stage-2 score task_reward - w * ||eps||^2 (task-reward units)."})
+    stage2_methods: list[str] = field(
+        default_factory=lambda: ["search", "amortized"],
+        metadata={"help": "Stage-2 variants: search (K prior draws), amortized (a high-level policy over eps)."})
+    baselines: list[str] = field(
+        default_factory=lambda: ["task_only", "oracle", "rc"],
+        metadata={"help": "Baselines on the base model's K samples: task_only, oracle, rc (none: only Safe-CPL; "
+                          "task_only and oracle are needed for the normalisation and always run)."})
+    rc_weights: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": "RC's omega values."})
+    reward_model_steps: int = field(default=400, metadata={"help": "Full-batch steps of RC's reward model."})
+    amortized_train_prompts: int = field(
+        default=48, metadata={"help": "Training prompts (the benchmark's train split) for the amortised policy."})
+    amortized_rounds: int = field(default=1, metadata={"help": "Rounds of K draws + advantage-weighted regression."})
+    amortized_temperature: float = field(default=0.05, metadata={"help": "AWR temperature (task-reward units)."})
+    sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of every candidate."})
+    sample_top_p: float = field(default=0.95, metadata={"help": "Top-p of every candidate."})
+    eval_split: str = field(default="test", metadata={"help": "Split of the benchmark's prompts for the table."})
+    eval_limit_per_category: int | None = field(
+        default=50, metadata={"help": "At most N prompts per category (harmful, benign, look-dangerous)."})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Generation length of every candidate."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    eval_judge: str = field(
+        default="packaged",
+        metadata={"help": "Judge of harm and refusal: 'packaged', an HF sequence-classification model, or "
+                          "'module:function'."},
+    )
+    results_file: str | None = field(
+        default=None, metadata={"help": "Also write the downstream results JSON here (default: "
+                                        "<output_dir>/downstream.json)."})
+    hub_repo_id: str | None = field(
+        default=None, metadata={"help": "Repo to publish the artefact to with --push_to_hub (default: hub_model_id, "
+                                        "else the output folder name)."})
+
+
+class SafeCPLRecipeRun:
+    """One run of the recipe; each method is a step of :func:`run_safe_cpl_recipe`."""
+
+    def __init__(self, script_args: SafeCPLRecipeArguments, training_args, model_args):
+        self.script_args, self.training_args, self.model_args = script_args, training_args, model_args
+        self.push_to_hub, training_args.push_to_hub = bool(training_args.push_to_hub), False
+        self._hub_token, training_args.hub_token = training_args.hub_token, None
+        self.base_model = model_args.model_name_or_path or "embedded"
+        self.output_dir = Path(training_args.output_dir)
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+        self.trainer = self.task_reward = self.judge = self.prompts = None
+        self.results: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, argv: list[str] | None = None, description: str | None = None) -> "SafeCPLRecipeRun":
+        from trl import ModelConfig
+
+        from llm_safepref.methods.safe_cpl import SafeCPLConfig
+        from llm_safepref.recipes.arguments import parse_args
+
+        script_args, training_args, model_args = parse_args(
+            (SafeCPLRecipeArguments, SafeCPLConfig, ModelConfig), "safe_cpl_lora", argv, description=description)
+        return cls(script_args, training_args, model_args)
+
+    @property
+    def is_main_process(self) -> bool:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
+    def _say(self, text: str) -> None:
+        if self.is_main_process:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------ checks
+
+    def prepare(self) -> None:
+        from transformers import AutoTokenizer
+
+        from llm_safepref.crowd import load_crowd_dataset
+        from llm_safepref.methods.safe_cpl.downstream import load_downstream_prompts
+        from llm_safepref.methods.safe_cpl.stage2 import resolve_task_reward
+        from llm_safepref.models import resolve_model_name
+        from llm_safepref.recipes.evaluation import RecipeError
+        from llm_safepref.recipes.run import check_chat_template
+
+        sa, ta = self.script_args, self.training_args
+        self.model_path = resolve_model_name(self.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=self.model_args.model_revision)
+        check_chat_template(self.tokenizer, self.base_model, sa.conversational)
+        self.train_dataset = load_crowd_dataset(sa.dataset_name, split=sa.dataset_train_split,
+                                                imbalanced=sa.crowd_imbalanced, user_column=ta.user_column,
+                                                conversational=sa.conversational)
+        if sa.train_limit is not None:
+            self.train_dataset = self.train_dataset.select(range(min(sa.train_limit, len(self.train_dataset))))
+        if ta.user_column != "user_id":  # the loader renamed it
+            ta.user_column = "user_id"
+        downstream = sa.downstream
+        if downstream == "auto":
+            downstream = "embedded" if sa.dataset_name == "embedded" else "none"
+        self.downstream_benchmark = None if downstream == "none" else downstream
+        if self.downstream_benchmark is None:
+            self.skipped.append(
+                "stage 2 and the baselines (no downstream task and no benchmark for this dataset): run them with "
+                "--downstream embedded (the toolkit's safety benchmark prompts; or a built benchmark folder) and "
+                "--downstream_task embedded|<user id>|module:function")
+            return
+        unknown = sorted(set(sa.stage2_methods) - {"search", "amortized"})
+        bad_baselines = sorted(set(sa.baselines) - {"task_only", "oracle", "rc", "none"})
+        if unknown or bad_baselines:
+            raise RecipeError(f"unknown --stage2_methods {unknown} / --baselines {bad_baselines}; valid: search, "
+                              "amortized / task_only, oracle, rc, none")
+        if sa.num_candidates < 1:
+            raise RecipeError(f"--num_candidates must be >= 1, got {sa.num_candidates}")
+        try:
+            self.task_reward = resolve_task_reward(sa.downstream_task)
+        except ValueError as err:
+            raise RecipeError(f"--downstream_task: {err}") from None
+        from llm_safepref.judge import resolve_judge
+
+        self.judge = resolve_judge(sa.eval_judge)
+        self.prompts = load_downstream_prompts(self.downstream_benchmark, sa.eval_split,
+                                               limit_per_category=sa.eval_limit_per_category)
+        if not self.prompts:
+            raise RecipeError(f"benchmark {self.downstream_benchmark!r}, split {sa.eval_split!r}: no prompts")
+        if "amortized" in sa.stage2_methods:
+            self.train_prompts = load_downstream_prompts(self.downstream_benchmark, "train", limit_per_category=None,
+                                                         limit=sa.amortized_train_prompts)
+
+    # ------------------------------------------------------------------ stage 1
+
+    def build(self) -> None:
+        from trl import get_peft_config
+
+        from llm_safepref.methods.safe_cpl import SafeCPLTrainer
+        from llm_safepref.recipes.run import model_init_kwargs
+
+        args = self.training_args
+        args.model_init_kwargs = {**model_init_kwargs(self.model_args), **(args.model_init_kwargs or {})}
+        peft_config = get_peft_config(self.model_args)
+        if peft_config is None:
+            from llm_safepref.recipes.evaluation import RecipeError
+
+            raise RecipeError("Safe-CPL trains a LoRA adapter with the latent conditioner: pass --use_peft true")
+        t0 = time.time()
+        self.trainer = SafeCPLTrainer(self.model_path, args=args, train_dataset=self.train_dataset,
+                                      processing_class=self.tokenizer, peft_config=peft_config)
+        self.timings["prepare_and_embed_s"] = round(time.time() - t0, 1)
+
+    def train(self) -> None:
+        t0 = time.time()
+        self.trainer.train(resume_from_checkpoint=self.training_args.resume_from_checkpoint)
+        self.timings["stage1_train_s"] = round(time.time() - t0, 1)
+
+    def save(self) -> str:
+        name = "crowd-v1" if self.script_args.dataset_name == "embedded" else str(self.script_args.dataset_name)
+        repo = self.repo_id() if self.push_to_hub else None
+        return self.trainer.save_artifact(str(self.output_dir), dataset_name=name, repo_id=repo)
+
+    def repo_id(self) -> str:
+        return self.script_args.hub_repo_id or self.training_args.hub_model_id or self.output_dir.name
+
+    def publish(self) -> int:
+        if not self.push_to_hub or not self.is_main_process:
+            return 0
+        from llm_safepref.methods.safe_cpl.artifact import publish_artifact
+        from llm_safepref.publish import PublishError
+
+        try:
+            url = publish_artifact(self.output_dir, self.repo_id(), private=bool(self.training_args.hub_private_repo),
+                                   token=self._hub_token)
+        except PublishError as err:
+            print(f"ERROR: publishing failed: {err} (the artefact stays in {self.output_dir})", file=sys.stderr)
+            return 1
+        print(f"Published {self.output_dir} to {self.repo_id()}: {url}")
+        return 0
+
+    # ------------------------------------------------------------------ stage 2 and the baselines
+
+    def _base_candidates(self):
+        """The base model's K samples per test prompt, judged and scored (cached on disk)."""
+        from llm_safepref.core.paths import cache_root
+        from llm_safepref.methods.safe_cpl.downstream import CandidateSet, cache_key, judge_candidates, \
+            sample_base_candidates
+        from llm_safepref.methods.safe_cpl.embeddings import model_fingerprint
+        from llm_safepref.models import load_model_and_tokenizer
+
+        sa = self.script_args
+        model, tok = load_model_and_tokenizer(self.model_path)
+        key = cache_key("base-candidates-v1", model_fingerprint(model), [p["id"] for p in self.prompts],
+                        [p["prompt"] for p in self.prompts], sa.num_candidates, sa.eval_max_new_tokens,
+                        sa.sample_temperature, sa.sample_top_p, sa.eval_batch_size, self.training_args.data_seed
+                        if self.training_args.data_seed is not None else 0, self.judge.version, self.task_reward.name,
+                        __import__("torch").get_num_threads())
+        path = cache_root() / "safe_cpl_downstream" / f"base-{key}.json"
+        if path.exists():
+            self._say(f"base model's candidates: cached ({path})")
+            return CandidateSet.load(path)
+        cands = sample_base_candidates(model, tok, self.prompts, sa.num_candidates,
+                                       max_new_tokens=sa.eval_max_new_tokens, batch_size=sa.eval_batch_size,
+                                       temperature=sa.sample_temperature, top_p=sa.sample_top_p, seed=0,
+                                       progress=self.is_main_process)
+        judge_candidates(cands, self.task_reward, self.judge)
+        cands.meta = {"method": "base", "model": self.base_model, "key": key}
+        cands.save(path)
+        return cands
+
+    def _latent_candidates(self, policy, prompts, eps, desc: str):
+        """One generation per (prompt, ε_k): ``(N, K, d)`` ε -> a judged :class:`CandidateSet`."""
+        from llm_safepref.methods.safe_cpl.downstream import CandidateSet, judge_candidates
+        from llm_safepref.methods.safe_cpl.stage2 import compose_z, generate_with_latents
+
+        sa = self.script_args
+        prior = policy.conditioner.prior
+        n, k, d = eps.shape
+        z = compose_z(eps.reshape(n * k, d), prior.mean.detach().float().cpu(),
+                      (0.5 * prior.logvar.detach().float().cpu()).exp())
+        flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
+        texts = generate_with_latents(policy, flat_prompts, z, max_new_tokens=sa.eval_max_new_tokens,
+                                      batch_size=sa.eval_batch_size, temperature=sa.sample_temperature,
+                                      top_p=sa.sample_top_p, seed=self.training_args.seed,
+                                      progress=self.is_main_process, desc=desc)
+        cands = CandidateSet(list(prompts), [texts[i * k:(i + 1) * k] for i in range(n)], eps=eps.numpy())
+        return judge_candidates(cands, self.task_reward, self.judge)
+
+    def downstream(self) -> dict[str, Any] | None:
+        """Every method's K candidates and choice on the test prompts; the table."""
+        if self.downstream_benchmark is None or not self.is_main_process:
+            return None
+        import numpy as np
+        import torch
+
+        from llm_safepref.methods.safe_cpl import SafeCPLPolicy
+        from llm_safepref.methods.safe_cpl.downstream import HARM_PENALTY, choose, method_metrics, outcomes_of, \
+            reward_model_scores, train_pooled_reward_model
+        from llm_safepref.methods.safe_cpl.stage2 import AmortizedLatentPolicy, penalised_scores, search_epsilons
+
+        sa, seed = self.script_args, self.training_args.seed
+        k, w = sa.num_candidates, sa.stage2_penalty
+        t0 = time.time()
+        base = self._base_candidates()
+        self.timings["base_candidates_s"] = round(time.time() - t0, 1)
+        outcomes: dict[str, dict] = {}
+        extra: dict[str, Any] = {}
+        outcomes["task_only"] = outcomes_of(base, choose(base.task_reward))
+        outcomes["oracle"] = outcomes_of(base, choose(base.task_reward - HARM_PENALTY * base.is_harmful))
+
+        policy = SafeCPLPolicy.from_trainer(self.trainer)
+        policy.model.eval()
+        d = policy.latent_dim
+        if "rc" in sa.baselines:
+            t0 = time.time()
+            rm, diag = train_pooled_reward_model(self.train_dataset, policy.embedder, steps=sa.reward_model_steps,
+                                                 seed=seed)
+            r_hat = reward_model_scores(rm, policy.embedder, base)
+            for omega in sa.rc_weights:
+                scores = (1 - omega) * base.task_reward + omega * r_hat
+                outcomes[f"rc_{omega:g}"] = outcomes_of(base, choose(scores))
+            extra["rc_reward_model"] = diag
+            self.timings["rc_s"] = round(time.time() - t0, 1)
+        if "search" in sa.stage2_methods:
+            t0 = time.time()
+            eps = search_epsilons([p["id"] for p in self.prompts], k, d, seed=seed)
+            cands = self._latent_candidates(policy, self.prompts, eps, "safe_cpl search")
+            outcomes["safe_cpl_search"] = outcomes_of(cands, choose(penalised_scores(cands.task_reward, eps, w)))
+            self.timings["safe_cpl_search_s"] = round(time.time() - t0, 1)
+        if "amortized" in sa.stage2_methods:
+            t0 = time.time()
+            from llm_safepref.data_checks import text_of
+
+            embed = lambda rows: torch.as_tensor(np.asarray(policy.embedder.embed([text_of(r["prompt"]) for r in rows])),  # noqa: E731
+                                                 dtype=torch.float32)
+            train_feat, test_feat = embed(self.train_prompts), embed(self.prompts)
+            hi = AmortizedLatentPolicy(train_feat.size(1), d)
+            hi.set_standardisation(train_feat)
+            train_ids = [p["id"] for p in self.train_prompts]
+            rounds = []
+            for r in range(sa.amortized_rounds):
+                draws = (search_epsilons(train_ids, k, d, seed=seed + 7919 * (r + 1)) if r == 0 else
+                         hi.sample(train_feat, train_ids, k, seed=seed + 7919 * (r + 1), tag="train"))
+                cands = self._latent_candidates(policy, self.train_prompts, draws, f"amortised round {r + 1}")
+                scores = penalised_scores(cands.task_reward, draws, w)
+                diag = hi.fit(train_feat, draws, scores, temperature=sa.amortized_temperature, seed=seed)
+                diag.update(round=r + 1, mean_train_score=round(float(scores.mean()), 4),
+                            best_of_k_train_score=round(float(scores.max(1).mean()), 4))
+                rounds.append(diag)
+            eps = hi.sample(test_feat, [p["id"] for p in self.prompts], k, seed=seed)
+            cands = self._latent_candidates(policy, self.prompts, eps, "safe_cpl amortised")
+            outcomes["safe_cpl_amortized"] = outcomes_of(cands, choose(penalised_scores(cands.task_reward, eps, w)))
+            extra["amortized_policy"] = rounds
+            self.timings["safe_cpl_amortized_s"] = round(time.time() - t0, 1)
+
+        methods = {name: method_metrics([o], oracle=outcomes["oracle"], task_only=outcomes["task_only"], seed=seed)
+                   for name, o in outcomes.items()}
+        self.results = {"methods": methods, "outcomes": outcomes, **extra}
+        return self.results
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_outputs(self) -> dict[str, Any] | None:
+        from llm_safepref.core.provenance import run_record, write_json
+        from llm_safepref.judge import judge_identity
+
+        if not self.is_main_process:
+            return None
+        sa, ta = self.script_args, self.training_args
+        record = run_record(
+            method="safe_cpl", base_model=self.base_model, dataset=sa.dataset_name,
+            crowd_imbalanced=sa.crowd_imbalanced, seed=ta.seed, global_step=self.trainer.state.global_step,
+            downstream_benchmark=self.downstream_benchmark, downstream_task=(
+                {"name": self.task_reward.name, "description": self.task_reward.description}
+                if self.task_reward else None),
+            judge=judge_identity(self.judge) if self.judge is not None else None,
+            num_candidates=sa.num_candidates, stage2_penalty=sa.stage2_penalty, eval_split=sa.eval_split,
+            n_prompts=len(self.prompts) if self.prompts else 0,
+            generation={"max_new_tokens": sa.eval_max_new_tokens, "temperature": sa.sample_temperature,
+                        "top_p": sa.sample_top_p, "batch_size": sa.eval_batch_size},
+            skipped=self.skipped, timings_s=self.timings, **(self.results or {}))
+        out = Path(sa.results_file) if sa.results_file else self.output_dir / "downstream.json"
+        write_json(out, record)
+        if self.results:
+            from llm_safepref.methods.safe_cpl.downstream import format_table
+
+            md = out.with_suffix(".md")
+            md.write_text(f"# Safe-CPL downstream table\n\n`{record['command']}` ({record['date']}, "
+                          f"{record['machine']})\n\n{format_table(self.results['methods'], markdown=True)}\n",
+                          encoding="utf-8")
+        return record
+
+    def report(self) -> None:
+        if not self.is_main_process:
+            return
+        print(f"\nsafe_cpl stage 1 finished: {self.trainer.state.global_step} steps, artefact in {self.output_dir}")
+        for line in self.skipped:
+            print(f"skipped: {line}")
+        if self.results:
+            from llm_safepref.methods.safe_cpl.downstream import format_table
+
+            print(format_table(self.results["methods"]))
+            print(f"(K = {self.script_args.num_candidates} candidates per prompt; 95 % intervals over prompts: Wilson "
+                  "for the rates, bootstrap for the reward and the normalised ratios; normalised reward = "
+                  "task_reward / oracle's, normalised cost = harmful_rate / task_only's)")
+        print("timings (s): " + ", ".join(f"{k}={v}" for k, v in self.timings.items()))
+
+
+def run_safe_cpl_recipe(argv: list[str] | None = None, description: str | None = None) -> int:
+    """Run the recipe on ``argv``; 0: done, 1: trained and saved but publishing failed, 2: refused before training."""
+    from accelerate import PartialState
+
+    from llm_safepref.crowd.context import ContextError
+    from llm_safepref.crowd.load import CrowdDataError
+    from llm_safepref.data import DataValidationError
+    from llm_safepref.methods.safe_cpl.data import SafeCPLDataError
+    from llm_safepref.recipes.evaluation import RecipeError
+
+    t_start = time.time()
+    run = SafeCPLRecipeRun.parse(argv, description)
+    try:
+        run.prepare()
+        run.build()  # the trainer checks the users and context sets before tokenising
+    except (RecipeError, DataValidationError, CrowdDataError, ContextError, SafeCPLDataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run.train()
+    run.save()
+    code = run.publish()
+    PartialState().wait_for_everyone()
+    t0 = time.time()
+    run.downstream()
+    if run.results is not None:
+        run.timings["downstream_s"] = round(time.time() - t0, 1)
+    run.timings["total_s"] = round(time.time() - t_start, 1)
+    run.write_outputs()
+    run.report()
+    PartialState().wait_for_everyone()
+    if hasattr(run.trainer, "end"):
+        run.trainer.end()
+    return code
