@@ -81,7 +81,8 @@ class LatentLearnerConfig(LearnerConfig):
                                                             "Safe-CPL, the VAE reward model for Safe-VPL)."})
     latent_dim: int = field(default=4, metadata={"help": "Size of the user latent z."})
     encoder_hidden: int = field(default=64, metadata={"help": "Width of the pair-set encoder (divisible by 4)."})
-    learned_prior: bool = field(default=True, metadata={"help": "Learned Gaussian prior (the authors'); False: N(0, I)."})
+    learned_prior: bool = field(default=True, metadata={"help": "Learned Gaussian prior (the authors'); "
+                                                                "False: N(0, I)."})
     kl_weight: float = field(default=1e-3, metadata={"help": "Maximum weight of KL(q || prior)."})
     kl_cycles: int = field(default=4, metadata={"help": "Cycles of the cyclic cosine KL annealing (0: constant)."})
     n_query_sets: int = field(default=2000, metadata={"help": "Crowd query sets (one labelling user each)."})

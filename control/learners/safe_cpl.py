@@ -71,7 +71,7 @@ class SafeCPLConfig(LatentLearnerConfig):
 
 
 def config_for(task: str, scale: str, **kw) -> SafeCPLConfig:
-    """smoke: seconds; small: 10k stage-1 steps (PRESA's) + 20k stage-2 (the TD3+BC baselines'); paper: 10x."""
+    """smoke: seconds; small: 10k stage-1 steps (PRESA's) + 20k stage-2 (the TD3+BC baselines'); paper: 100k + 100k."""
     return latent_config_for(SafeCPLConfig, scale, STEPS, **kw)
 
 
