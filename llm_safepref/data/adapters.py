@@ -260,11 +260,11 @@ def _is_text_format(path: str) -> bool:
 # --------------------------------------------------------------------------- public loaders
 
 def _embedded_folder(name: str) -> Path:
-    from llm_safepref.data.build import benchmark_dir, is_built
+    """``name``'s part of the folder ``"embedded"`` names (``build.benchmark_folder``: the env
+    override, a cache build, else the build shipped with the package)."""
+    from llm_safepref.data.build import benchmark_folder, is_built
 
-    folder = benchmark_dir(int(os.environ.get("LLM_SAFEPREF_BENCHMARK_SEED", "0")))
-    if os.environ.get("LLM_SAFEPREF_BENCHMARK_DIR"):
-        folder = Path(os.environ["LLM_SAFEPREF_BENCHMARK_DIR"])
+    folder = benchmark_folder()
     if not is_built(folder):
         raise FileNotFoundError(
             f"the embedded safety benchmark is not built at {folder}; build it once with "
@@ -274,14 +274,29 @@ def _embedded_folder(name: str) -> Path:
     return folder / name
 
 
-def _resolve(name_or_path, dataset: str) -> tuple[str, str]:
-    """(path-or-hub-id, display name). ``embedded`` or a build folder → its ``dataset`` subfolder."""
+def _build_part(folder: Path, dataset: str, split: str) -> Path:
+    """A build's ``dataset`` (``pairs``, ``safety_labels``, ...): its ``save_to_disk`` folder when
+    there is one (a cache build), else its ``jsonl/<dataset>_<split>.jsonl`` (a shipped build, which
+    has no Arrow folders: read as JSON lines, nothing is written next to it)."""
+    arrow = folder / dataset
+    if arrow.is_dir():
+        return arrow
+    jsonl = folder / "jsonl" / f"{dataset}_{split}.jsonl"
+    if jsonl.is_file():
+        return jsonl
+    have = sorted(p.name[len(dataset) + 1 : -len(".jsonl")] for p in (folder / "jsonl").glob(f"{dataset}_*.jsonl"))
+    raise DataValidationError(f"{folder}: no split {split!r} of {dataset!r}; available: {have}")
+
+
+def _resolve(name_or_path, dataset: str, split: str) -> tuple[str, str]:
+    """(path-or-hub-id, display name). ``embedded`` or a build folder → its ``dataset`` for ``split``."""
     name = str(name_or_path)
     if name == "embedded":
-        p = _embedded_folder(dataset)
+        p = _build_part(_embedded_folder(dataset).parent, dataset, split)
         return str(p), str(p)
     if Path(name).is_dir() and (Path(name) / "manifest.json").exists():  # a build folder
-        return str(Path(name) / dataset), str(Path(name) / dataset)
+        p = _build_part(Path(name), dataset, split)
+        return str(p), str(p)
     return name, name
 
 
@@ -293,7 +308,7 @@ def load_preference_dataset(name_or_path="embedded", split: str = "train", *, co
     drops invalid rows (one ``UserWarning`` naming them) instead of raising on the first;
     ``max_length`` (with ``tokenizer``) bounds the prompt's token count.
     """
-    path, display = _resolve(name_or_path, "pairs")
+    path, display = _resolve(name_or_path, "pairs", split)
     raw = read_dataset(path, split)
     load = _load_pku if _is_pku(raw.column_names) else _load_generic
     ds, _ = load(raw, display, text_labels=_is_text_format(path), max_length=max_length, tokenizer=tokenizer,
@@ -316,7 +331,7 @@ def load_safety_labels(name_or_path="embedded", split: str = "train", *, drop_in
     The same rules as the pairs: non-empty texts, a boolean ``is_safe`` (decoded from text in a
     CSV file); ``drop_invalid`` drops invalid rows with one ``UserWarning`` naming them.
     """
-    path, display = _resolve(name_or_path, "safety_labels")
+    path, display = _resolve(name_or_path, "safety_labels", split)
     ds = read_dataset(path, split)
     missing = [c for c in ("prompt", "completion", "is_safe") if c not in ds.column_names]
     if missing:
@@ -348,9 +363,11 @@ def load_safety_labels(name_or_path="embedded", split: str = "train", *, drop_in
 
 
 def load_eval_prompts(name_or_path="embedded", split: str = "test"):
-    """Evaluation prompts: ``id, prompt, category`` (harmful / benign / look_dangerous), ``source``,
-    ``constraints`` (JSON list of verifiable constraints; ``[]`` except for benign prompts)."""
-    path, display = _resolve(name_or_path, "eval_prompts")
+    """Evaluation prompts: ``id, prompt, category`` (harmful / benign / look_dangerous, and from
+    safety-v3 on contrast_harmful), ``source``, ``constraints`` (JSON list of verifiable constraints;
+    ``[]`` except for benign prompts); safety-v3 builds add ``subcategory`` and ``pair_id`` (``""``
+    except for the v3 over-refusal prompts)."""
+    path, display = _resolve(name_or_path, "eval_prompts", split)
     ds = read_dataset(path, split)
     missing = [c for c in ("id", "prompt", "category", "constraints") if c not in ds.column_names]
     if missing:

@@ -20,6 +20,21 @@ Rules (also in ``data_cards/``):
   the same two on-policy answers and follow the harmful-prompt rule above.
 * **Look-dangerous prompts**: chosen = the model's answer when the judge calls it neither harmful
   nor a refusal; rejected = a written refusal (teaches not to over-refuse; both are safe).
+* **safety-v3 over-refusal prompts** (``llm_safepref.data.over_refusal``): 128 look-dangerous
+  prompts and their 128 harmful contrast twins, written by the project, go to validation and test
+  only, as evaluation prompts (categories ``look_dangerous`` and ``contrast_harmful``, with a
+  ``subcategory``). They get no on-policy samples and no pairs, so the pairs, safety labels and
+  samples are those of safety-v2 byte for byte (``--reuse_samples`` of a v2 build regenerates
+  nothing). Split rule: a twin pair is one group, joined with any v3 prompt it paraphrases
+  (MiniLM cosine ≥ ``group_threshold``); groups are stratified by subcategory and filled by
+  ``v3_fractions`` (0 / 50 / 50) with the same seeded ``assign_splits``. A v3 prompt that is an
+  exact or close (cosine ≥ ``group_threshold``) paraphrase of any other benchmark prompt is left
+  out and listed in ``manifest.json`` (it would leak training prompts or duplicate one).
+* **Shipped build**: the seed-0 build's JSONL files ship in the package
+  (``llm_safepref/data/built/<version>-seed0``, written by ``python -m llm_safepref.data ship``);
+  ``build`` with default settings finds it and builds nothing; loading reads the JSONL (into
+  memory or the ``datasets`` cache), never writing into the package folder. ``build --verify``
+  rebuilds into a temporary folder and compares it byte for byte with the shipped files.
 
 The build is deterministic for a seed on a given machine and thread count, unless the
 ``max_minutes`` guard stops sampling early (recorded in ``manifest.json`` as ``truncated``).
@@ -48,9 +63,17 @@ from llm_safepref.data import sources
 from llm_safepref.data.sampling import SAFETY_SYSTEM_PROMPT, generate_responses
 from llm_safepref.data.splits import SPLITS, assign_splits, exact_dedup, near_dedup, normalise, paraphrase_groups
 
-__all__ = ["BENCHMARK_VERSION", "BuildConfig", "WRITTEN_REFUSALS", "benchmark_dir", "build_benchmark", "is_built"]
+__all__ = ["BENCHMARK_VERSION", "BuildConfig", "WRITTEN_REFUSALS", "benchmark_dir", "build_benchmark", "is_built",
+           "packaged_benchmark_dir", "ship_build", "verify_build"]
 
-BENCHMARK_VERSION = "safety-v2"
+BENCHMARK_VERSION = "safety-v3"
+#: The build shipped inside the package (seed 0; see ``ship_build``).
+PACKAGED_ROOT = Path(__file__).resolve().parent / "built"
+#: What a shipped build holds (relative paths); the Arrow folders are rebuilt from ``jsonl/`` on load.
+SHIPPED_FILES = ("manifest.json", "onpolicy_responses.jsonl", "jsonl")
+#: manifest keys that describe the run, not the data (ignored by ``--verify`` and the shipped-build match).
+RUN_KEYS = ("build_seconds", "reused_generations", "command", "git_revision", "versions", "lock_sha256", "machine",
+            "date", "cpu_count")
 _COMPLETE = "_COMPLETE"
 
 WRITTEN_REFUSALS = [
@@ -88,13 +111,19 @@ class BuildConfig:
     max_pairs_per_objective: int = field(default=3, metadata={"help": "Cap of human-row pairs per objective."})
     max_prompts_per_source: int | None = field(default=None, metadata={"help": "Subsample each source (tests / quick builds)."})
     threads: int = field(default=1, metadata={"help": "torch threads (the CPU is shared: 1 by default)."})
+    over_refusal_v3: bool = field(default=True, metadata={
+        "help": "Add the safety-v3 look-dangerous and contrast-harmful evaluation prompts (validation / test)."})
+    v3_fractions: tuple = field(default=(0.0, 0.5, 0.5), metadata={
+        "help": "Train/val/test share of the v3 prompts (train must be 0: they are evaluation prompts)."})
 
     def __post_init__(self):
-        for name in ("harmful_fractions", "benign_fractions", "look_dangerous_fractions"):
+        for name in ("harmful_fractions", "benign_fractions", "look_dangerous_fractions", "v3_fractions"):
             fr = tuple(float(x) for x in getattr(self, name))
             if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) < 0:
                 raise ValueError(f"{name} must be three non-negative numbers summing to 1, got {fr}")
             setattr(self, name, fr)
+        if self.v3_fractions[0] != 0:
+            raise ValueError(f"v3_fractions must give train 0 (the v3 prompts are evaluation prompts), got {self.v3_fractions}")
         if not 0 < self.group_threshold <= self.dedup_threshold <= 1:
             raise ValueError("need 0 < group_threshold <= dedup_threshold <= 1")
 
@@ -108,6 +137,48 @@ def benchmark_dir(seed: int = 0) -> Path:
 
 def is_built(path: str | os.PathLike) -> bool:
     return (Path(path) / _COMPLETE).exists()
+
+
+def packaged_benchmark_dir(seed: int = 0) -> Path:
+    """``llm_safepref/data/built/<version>-seed<seed>`` (shipped for seed 0; may be absent)."""
+    return PACKAGED_ROOT / f"{BENCHMARK_VERSION}-seed{seed}"
+
+
+def benchmark_folder(seed: int | None = None) -> Path:
+    """The folder ``"embedded"`` names: ``$LLM_SAFEPREF_BENCHMARK_DIR``, else a complete build in the
+    cache (``benchmark_dir``), else the build shipped with the package, else the (unbuilt) cache folder.
+
+    ``seed`` defaults to ``$LLM_SAFEPREF_BENCHMARK_SEED`` (0).
+    """
+    if os.environ.get("LLM_SAFEPREF_BENCHMARK_DIR"):
+        return Path(os.environ["LLM_SAFEPREF_BENCHMARK_DIR"])
+    seed = int(os.environ.get("LLM_SAFEPREF_BENCHMARK_SEED", "0")) if seed is None else seed
+    cached = benchmark_dir(seed)
+    if not is_built(cached) and is_built(packaged_benchmark_dir(seed)):
+        return packaged_benchmark_dir(seed)
+    return cached
+
+
+def _comparable_config(config: dict) -> dict:
+    """A build's settings without the wall-clock guard (which changes no output of an untruncated build)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k != "max_minutes"}
+
+
+def packaged_build_matches(cfg: "BuildConfig", judge_version: str | None = None) -> tuple[bool, str]:
+    """``(matches, why)``: whether the shipped build is the one ``cfg`` (and the judge) would produce."""
+    folder = packaged_benchmark_dir(cfg.seed)
+    if not is_built(folder):
+        return False, f"no build ships for seed {cfg.seed}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("truncated"):
+        return False, "the shipped build is truncated"
+    ours, theirs = _comparable_config(asdict(cfg)), _comparable_config(manifest["config"])
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        return False, f"settings differ from the shipped build's: {diff}"
+    if judge_version is not None and manifest.get("judge_version") != judge_version:
+        return False, f"the shipped build was judged by {manifest.get('judge_version')}, the current judge is {judge_version}"
+    return True, f"the shipped build at {folder}"
 
 
 def _h(seed: int, text: str) -> str:
@@ -171,8 +242,94 @@ def collect_prompts(cfg: BuildConfig, t0: float) -> dict:
         r["split"] = s
     _log(f"splits: harmful {Counter(r['split'] for r in harmful_kept)}, benign {Counter(r['split'] for r in benign)}, "
          f"look-dangerous {Counter(r['split'] for r in look)}", t0)
-    return {"harmful": harmful_kept, "benign": benign, "look": look, "split_by_norm": split_by_norm,
-            "human": human, "stats": stats}
+    v3, v3_stats = [], {"included": False}
+    if cfg.over_refusal_v3:
+        others = [r["prompt"] for r in harmful] + [r["prompt"] for r in benign] + [r["prompt"] for r in look]
+        others_emb = np.concatenate([emb, embed([r["prompt"] for r in benign]), look_emb]) if others else None
+        v3, v3_stats = collect_v3_prompts(cfg, others, others_emb)
+        _log(f"v3 over-refusal prompts: {Counter((r['split'], r['category']) for r in v3)}; "
+             f"left out {len(v3_stats['left_out'])}", t0)
+    return {"harmful": harmful_kept, "benign": benign, "look": look, "v3": v3, "split_by_norm": split_by_norm,
+            "human": human, "stats": stats, "v3_stats": v3_stats}
+
+
+def assign_v3_splits(rows: list[dict], emb: np.ndarray, cfg: BuildConfig) -> list[str]:
+    """Split per v3 row: twin pairs (and paraphrases, cosine ≥ ``group_threshold``) are one group;
+    groups are stratified by the subcategory of their first row and filled by ``v3_fractions``.
+
+    ``emb`` (N, D): L2-normalised embeddings of ``rows``' prompts.
+    """
+    first = {}
+    links = []
+    for i, r in enumerate(rows):
+        if r["pair_id"] in first:
+            links.append((first[r["pair_id"]], i))
+        else:
+            first[r["pair_id"]] = i
+    groups = paraphrase_groups(emb, cfg.group_threshold, links=links)
+    stratum_of = {}
+    for r, g in sorted(zip(rows, groups.tolist()), key=lambda x: x[0]["id"]):
+        stratum_of.setdefault(g, r["subcategory"])
+    split = [None] * len(rows)
+    for stratum in sorted(set(stratum_of.values())):
+        idx = [i for i, g in enumerate(groups.tolist()) if stratum_of[g] == stratum]
+        # A group's key is its smallest id: the order (hence the split) depends on the ids only.
+        keys = [f"v3:{min(rows[j]['id'] for j in np.flatnonzero(groups == groups[i]))}" for i in idx]
+        for i, s in zip(idx, assign_splits(keys, cfg.v3_fractions, cfg.seed)):
+            split[i] = s
+    return split
+
+
+def collect_v3_prompts(cfg: BuildConfig, others: list[str], others_emb: np.ndarray | None,
+                       rows: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """The v3 evaluation prompts with their split, and what the manifest records about them.
+
+    ``others`` / ``others_emb`` (M, D): every other prompt of the benchmark (any split). A v3 prompt
+    equal to one after ``normalise``, or with cosine ≥ ``group_threshold`` to one, is left out.
+    ``rows`` defaults to the package's files (``over_refusal.load_v3_prompts``).
+    """
+    from llm_safepref.data.over_refusal import V3_SOURCES, load_v3_prompts
+    from llm_safepref.judge import embed
+
+    rows = [dict(r) for r in (rows if rows is not None else load_v3_prompts())]
+    for r in rows:
+        r["source"] = V3_SOURCES[r["category"]]
+    rows = _subsample(rows, cfg.max_prompts_per_source, cfg.seed)
+    if not rows:
+        return [], {"included": True, "left_out": [], "max_cosine_to_other_prompts": None}
+    v_emb = embed([r["prompt"] for r in rows])  # (N, 384)
+    norm_others = {normalise(p): p for p in others}
+    if others_emb is not None and len(others_emb):
+        sims = v_emb @ np.asarray(others_emb).T  # (N, M)
+        nearest, best = sims.argmax(1), sims.max(1)
+    else:
+        nearest, best = np.zeros(len(rows), dtype=int), np.full(len(rows), -1.0)
+    keep, left_out = [], []
+    for i, r in enumerate(rows):
+        if normalise(r["prompt"]) in norm_others:
+            left_out.append({"id": r["id"], "where": r["_where"], "reason": "exact duplicate",
+                             "other": norm_others[normalise(r["prompt"])]})
+        elif best[i] >= cfg.group_threshold:
+            left_out.append({"id": r["id"], "where": r["_where"], "reason": f"cosine {best[i]:.3f} >= group_threshold",
+                             "other": others[int(nearest[i])]})
+        else:
+            keep.append(i)
+    if left_out:
+        warnings.warn(f"{len(left_out)} safety-v3 prompt(s) paraphrase other benchmark prompts and are left out "
+                      f"(listed in manifest.json): {[x['where'] for x in left_out[:5]]}", UserWarning, stacklevel=2)
+    kept = [rows[i] for i in keep]
+    for r, s in zip(kept, assign_v3_splits(kept, v_emb[keep], cfg)):
+        r["split"] = s
+        r.pop("_where")
+    stats = {
+        "included": True,
+        "left_out": left_out,
+        "max_cosine_to_other_prompts": round(float(best.max()), 4),
+        "by_split": {s: {c: dict(sorted(Counter(r["subcategory"] for r in kept if r["split"] == s and r["category"] == c)
+                                        .items()))
+                         for c in sorted({r["category"] for r in kept})} for s in SPLITS[1:]},
+    }
+    return kept, stats
 
 
 def _split_of(prompt: str, split_by_norm: dict) -> str | None:
@@ -370,16 +527,24 @@ def make_pairs_and_labels(cfg: BuildConfig, prompts: dict, samples: list[dict]) 
 
 
 def eval_prompt_rows(prompts: dict) -> list[dict]:
+    """Evaluation rows: ``id, prompt, category, source, constraints, subcategory, pair_id, split``.
+
+    ``subcategory`` / ``pair_id`` are set for the v3 over-refusal prompts (appended last, so the
+    earlier rows keep their order) and ``""`` for the others.
+    """
     rows = []
     for r in prompts["harmful"]:
         rows.append({"id": r["id"], "prompt": r["prompt"], "category": "harmful", "source": r["source"],
-                     "constraints": "[]", "split": r["split"]})
+                     "constraints": "[]", "subcategory": "", "pair_id": "", "split": r["split"]})
     for r in prompts["benign"]:
         rows.append({"id": r["id"], "prompt": r["prompt"], "category": "benign", "source": r["source"],
-                     "constraints": json.dumps(r["constraints"]), "split": r["split"]})
+                     "constraints": json.dumps(r["constraints"]), "subcategory": "", "pair_id": "", "split": r["split"]})
     for r in prompts["look"]:
         rows.append({"id": r["id"], "prompt": r["prompt"], "category": "look_dangerous", "source": r["source"],
-                     "constraints": "[]", "split": r["split"]})
+                     "constraints": "[]", "subcategory": "", "pair_id": "", "split": r["split"]})
+    for r in prompts.get("v3", []):
+        rows.append({"id": r["id"], "prompt": r["prompt"], "category": r["category"], "source": r["source"],
+                     "constraints": "[]", "subcategory": r["subcategory"], "pair_id": r["pair_id"], "split": r["split"]})
     return rows
 
 
@@ -434,6 +599,16 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
     import torch
 
     cfg = cfg or BuildConfig()
+    if out is None and not force and not is_built(benchmark_dir(cfg.seed)) and reuse_samples is None:
+        from llm_safepref.judge import load_judge
+
+        matches, why = packaged_build_matches(cfg, load_judge().version)
+        if matches:
+            print(f"the benchmark ships with the package: {why}; nothing to build "
+                  f"(--force builds into {benchmark_dir(cfg.seed)})")
+            return packaged_benchmark_dir(cfg.seed)
+        if is_built(packaged_benchmark_dir(cfg.seed)):
+            print(f"not using the shipped build: {why}; building into {benchmark_dir(cfg.seed)}")
     out = Path(out) if out is not None else benchmark_dir(cfg.seed)
     if is_built(out) and not force:
         print(f"benchmark already built at {out} (use --force to rebuild)")
@@ -493,6 +668,7 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
         "pair_class_balance": _balance(pairs),
         "safety_label_balance": {s: dict(Counter(str(l["is_safe"]) for l in labels if l["split"] == s)) for s in SPLITS},
         "onpolicy": onpolicy_stats,
+        "over_refusal_v3": {**prompts["v3_stats"], "files": _v3_file_hashes() if cfg.over_refusal_v3 else {}},
         "truncated": any(sum(1 for s in samples if s["kind"] == k) < n for k, n in expected.items()),
         "build_seconds": round(time.time() - t0, 1),
         "reused_generations": len(reuse),
@@ -517,6 +693,119 @@ def build_benchmark(cfg: BuildConfig | None = None, out: str | os.PathLike | Non
             UserWarning, stacklevel=2,
         )
     return out
+
+
+def _v3_file_hashes() -> dict:
+    from llm_safepref.data.over_refusal import CONTRAST_FILE, LOOK_DANGEROUS_V3_FILE
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (LOOK_DANGEROUS_V3_FILE, CONTRAST_FILE)}
+
+
+# --------------------------------------------------------------------------- shipping and verifying
+
+def _shipped_paths(folder: Path) -> list[str]:
+    """Relative paths of the files a shipped build holds (``SHIPPED_FILES``, folders expanded), sorted."""
+    out = []
+    for name in SHIPPED_FILES:
+        p = folder / name
+        if p.is_dir():
+            out += [str(f.relative_to(folder)) for f in sorted(p.rglob("*")) if f.is_file()]
+        elif p.exists():
+            out.append(name)
+    return sorted(out)
+
+
+def ship_build(src: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
+    """Copy a complete build's JSONL files, samples and manifest into ``dest`` (default: the package's
+    ``built/<version>-seed<seed>``). Maintainers only: the result is committed as package data."""
+    src = Path(src)
+    if not is_built(src):
+        raise FileNotFoundError(f"{src}: not a complete build (no {_COMPLETE} marker)")
+    manifest = json.loads((src / "manifest.json").read_text())
+    if manifest.get("version") != BENCHMARK_VERSION:
+        raise ValueError(f"{src}: a {manifest.get('version')} build; this package ships {BENCHMARK_VERSION}")
+    if manifest.get("truncated"):
+        raise ValueError(f"{src}: a truncated build (the time guard stopped sampling); complete it before shipping")
+    dest = Path(dest) if dest is not None else packaged_benchmark_dir(manifest["config"]["seed"])
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in _shipped_paths(src):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, tmp / rel)
+    (tmp / _COMPLETE).write_text((src / _COMPLETE).read_text())
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def _first_difference(a: Path, b: Path) -> str:
+    la, lb = a.read_bytes().split(b"\n"), b.read_bytes().split(b"\n")
+    for i, (x, y) in enumerate(zip(la, lb), start=1):
+        if x != y:
+            return f"line {i} differs"
+    return f"{len(la)} vs {len(lb)} lines"
+
+
+def compare_builds(reference: str | os.PathLike, rebuilt: str | os.PathLike) -> dict:
+    """Byte-compare the shipped files of ``reference`` with those of ``rebuilt``.
+
+    ``manifest.json`` is compared without its run fields (``RUN_KEYS``: timing, command, date, ...)
+    and ``config.max_minutes``. Returns ``{"identical", "files": {path: "identical" | why}, "manifest"}``.
+    """
+    reference, rebuilt = Path(reference), Path(rebuilt)
+    files = {}
+    for rel in _shipped_paths(reference):
+        if rel == "manifest.json":
+            continue
+        other = rebuilt / rel
+        if not other.exists():
+            files[rel] = "missing from the rebuild"
+        elif other.read_bytes() == (reference / rel).read_bytes():
+            files[rel] = "identical"
+        else:
+            files[rel] = _first_difference(reference / rel, other)
+    extra = sorted(set(_shipped_paths(rebuilt)) - set(_shipped_paths(reference)))
+    for rel in extra:
+        files[rel] = "only in the rebuild"
+
+    def data_part(path: Path) -> dict:
+        m = json.loads(path.read_text())
+        m = {k: v for k, v in m.items() if k not in RUN_KEYS}
+        m["config"] = _comparable_config(m.get("config", {}))
+        return m
+
+    ma, mb = data_part(reference / "manifest.json"), data_part(rebuilt / "manifest.json")
+    manifest_diff = sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
+    return {"identical": all(v == "identical" for v in files.values()) and not manifest_diff,
+            "files": files, "manifest": "identical" if not manifest_diff else {"differs": manifest_diff}}
+
+
+def verify_build(cfg: BuildConfig | None = None, reference: str | os.PathLike | None = None, *,
+                 reuse_samples: str | os.PathLike | None = None, keep: str | os.PathLike | None = None) -> dict:
+    """Rebuild into a temporary folder (or ``keep``) and compare with ``reference`` (default: the
+    shipped build of ``cfg.seed``). With ``reuse_samples`` the on-policy generations are reused (a
+    check of prompts, splits, judging and pairing only); without, everything is regenerated.
+
+    Returns :func:`compare_builds`' report plus ``reference``, ``rebuilt``, ``seconds``, the thread
+    counts of both builds and ``reused_samples``.
+    """
+    import tempfile
+
+    cfg = cfg or BuildConfig()
+    reference = Path(reference) if reference is not None else packaged_benchmark_dir(cfg.seed)
+    if not is_built(reference):
+        raise FileNotFoundError(f"{reference}: no complete build to verify against")
+    ref_manifest = json.loads((reference / "manifest.json").read_text())
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="llm_safepref-verify-") as tmp:
+        out = Path(keep) if keep is not None else Path(tmp) / "rebuilt"
+        build_benchmark(cfg, out, force=True, reuse_samples=reuse_samples)
+        report = compare_builds(reference, out)
+        rebuilt_threads = json.loads((out / "manifest.json").read_text()).get("torch_threads")
+    report.update(reference=str(reference), rebuilt=str(keep) if keep is not None else "(temporary, removed)",
+                  seconds=round(time.time() - t0, 1), reused_samples=str(reuse_samples) if reuse_samples else None,
+                  torch_threads={"reference": ref_manifest.get("torch_threads"), "rebuild": rebuilt_threads})
+    return report
 
 
 def _groupby(items, key):

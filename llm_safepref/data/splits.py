@@ -6,6 +6,8 @@
 3. Paraphrase groups: connected components of the graph "cosine ≥ ``group_threshold``" (0.80);
    whole groups go to one split, so no test prompt has a close paraphrase in training.
 4. Groups are ordered by a seeded hash and filled into splits by the given fractions.
+5. Extra links (``paraphrase_groups(..., links=)``) join rows that must share a split whatever
+   their cosine: a safety-v3 look-dangerous prompt and its harmful contrast twin.
 
 All functions are pure (embeddings are passed in), so tests can use any vectors.
 """
@@ -53,8 +55,12 @@ def near_dedup(emb: np.ndarray, threshold: float) -> np.ndarray:
     return keep
 
 
-def paraphrase_groups(emb: np.ndarray, threshold: float) -> np.ndarray:
-    """(N,) int group ids: connected components of the cosine ≥ threshold graph (union-find)."""
+def paraphrase_groups(emb: np.ndarray, threshold: float, links=()) -> np.ndarray:
+    """(N,) int group ids: connected components of the cosine ≥ threshold graph (union-find).
+
+    ``links``: extra ``(i, j)`` row pairs that belong together whatever their cosine (the
+    safety-v3 prompt twins).
+    """
     n = len(emb)
     parent = np.arange(n)
 
@@ -66,7 +72,7 @@ def paraphrase_groups(emb: np.ndarray, threshold: float) -> np.ndarray:
 
     sims = emb @ emb.T
     ii, jj = np.nonzero(np.triu(sims >= threshold, k=1))
-    for a, b in zip(ii.tolist(), jj.tolist()):
+    for a, b in [*zip(ii.tolist(), jj.tolist()), *((int(i), int(j)) for i, j in links)]:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)

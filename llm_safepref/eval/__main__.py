@@ -38,7 +38,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--limit", type=int, default=None, help="fixed stratified subset of this many prompts")
     parser.add_argument("--limit_per_category", type=int, default=None,
-                        help="at most this many prompts of each category (harmful, benign, look_dangerous)")
+                        help="at most this many prompts of each category (harmful, benign, look_dangerous, "
+                             "contrast_harmful)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm_safepref.core.provenance import run_record
     from llm_safepref.eval import evaluate, results_markdown, write_results
     from llm_safepref.eval.correction import AuditError
+    from llm_safepref.eval.intervals import OPTIONAL_RATES
     from llm_safepref.judge import resolve_judge
     from llm_safepref.judge.plugins import JudgeSpecError
 
@@ -105,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         write_results(result, args.out, command=command)
     print(results_markdown({**result, **run_record(command)}))
     keys = [k for name in ("harmful_compliance_rate", "over_refusal_rate", "benign_refusal_rate",
-                           "look_dangerous_refusal_rate", "instruction_following_rate")
-            for k in (name, f"{name}_ci", f"{name}_corrected", f"{name}_corrected_ci") if k in result]
+                           "look_dangerous_refusal_rate", "instruction_following_rate",
+                           "contrast_harmful_compliance_rate")
+            for k in (name, f"{name}_ci", f"{name}_corrected", f"{name}_corrected_ci")
+            if k in result and not (name in OPTIONAL_RATES and result[name] is None)]
     print(json.dumps({k: result[k] for k in [*keys, "interval", "n_prompts", "n_by_category", "judge_version"]}))
     return 0
 
