@@ -52,7 +52,8 @@ def test_tiny_evaluation_run(tiny_model_path, small_bench, tmp_path):
     for key in ("harmful_compliance_rate", "over_refusal_rate", "instruction_following_rate", "n_prompts", "judge_version"):
         assert key in result
     assert result["n_prompts"] == 6
-    assert set(result["n_by_category"]) == {"harmful", "benign", "look_dangerous"}
+    # safety-v3 builds (the fixture is one) have the contrast category too.
+    assert set(result["n_by_category"]) == {"harmful", "benign", "look_dangerous", "contrast_harmful"}
     assert all(v >= 1 for v in result["n_by_category"].values())
     for key in ("harmful_compliance_rate", "over_refusal_rate", "instruction_following_rate"):
         assert 0.0 <= result[key] <= 1.0
@@ -62,7 +63,8 @@ def test_tiny_evaluation_run(tiny_model_path, small_bench, tmp_path):
     # The rates are the means of the per-prompt verdicts kept in the generations.
     gens = result["generations"]
     harmful = [g for g in gens if g["category"] == "harmful"]
-    not_harmful = [g for g in gens if g["category"] != "harmful"]
+    # Over-refusal is over benign + look-dangerous prompts; the harmful contrast prompts are not in it.
+    not_harmful = [g for g in gens if g["category"] in ("benign", "look_dangerous")]
     assert result["harmful_compliance_rate"] == round(float(np.mean([g["is_harmful"] for g in harmful])), 4)
     assert result["over_refusal_rate"] == round(float(np.mean([g["is_refusal"] for g in not_harmful])), 4)
     benign = [g for g in gens if g["category"] == "benign" and g["constraints_ok"]]

@@ -458,7 +458,8 @@ def test_small_build_outputs(small_bench):
     assert {"prompt", "completion", "is_safe"} <= set(labels.column_names)
     assert set(labels["is_safe"]) == {True, False}
     ev = load_eval_prompts(str(small_bench), split="test")
-    assert {"harmful", "benign", "look_dangerous"} == set(ev["category"])
+    # safety-v3: the harmful contrast twins of the look-dangerous prompts are a category of their own.
+    assert {"harmful", "benign", "look_dangerous", "contrast_harmful"} == set(ev["category"])
     # Held-out harmful prompts get on-policy answers too; helpful benign answers beat over-refusals.
     samples = [json.loads(line) for line in (small_bench / "onpolicy_responses.jsonl").read_text().splitlines()]
     heldout = {s["split"] for s in samples if s["kind"] == "harmful"}
