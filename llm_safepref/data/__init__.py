@@ -8,7 +8,9 @@ Public API (kept stable for the trainers and recipes):
   ``llm_safepref.data_checks``' one row check, the same the trainers run (``check_presa_dataset``)
 * ``load_safety_labels(name_or_path="embedded", split="train", *, drop_invalid=False)``
 * ``load_eval_prompts(name_or_path="embedded", split="test")``
-* ``build_benchmark(BuildConfig(...))`` / ``python -m llm_safepref.data build``
+* ``build_benchmark(BuildConfig(...))`` / ``python -m llm_safepref.data build`` (finds the build shipped
+  with the package, ``packaged_benchmark_dir()``; ``benchmark_folder()`` is what ``"embedded"`` reads;
+  ``build --verify`` rebuilds and compares byte for byte)
 """
 
 from llm_safepref.data.adapters import (
@@ -20,7 +22,15 @@ from llm_safepref.data.adapters import (
     read_dataset,
     validate_preference_dataset,
 )
-from llm_safepref.data.build import BENCHMARK_VERSION, BuildConfig, benchmark_dir, build_benchmark, is_built
+from llm_safepref.data.build import (
+    BENCHMARK_VERSION,
+    BuildConfig,
+    benchmark_dir,
+    benchmark_folder,
+    build_benchmark,
+    is_built,
+    packaged_benchmark_dir,
+)
 
 __all__ = [
     "BENCHMARK_VERSION",
@@ -28,11 +38,13 @@ __all__ = [
     "DataValidationError",
     "PKU_SAFERLHF_COLUMNS",
     "benchmark_dir",
+    "benchmark_folder",
     "build_benchmark",
     "is_built",
     "load_eval_prompts",
     "load_preference_dataset",
     "load_safety_labels",
+    "packaged_benchmark_dir",
     "read_dataset",
     "validate_preference_dataset",
 ]

@@ -63,8 +63,9 @@ from llm_safepref.data import sources
 from llm_safepref.data.sampling import SAFETY_SYSTEM_PROMPT, generate_responses
 from llm_safepref.data.splits import SPLITS, assign_splits, exact_dedup, near_dedup, normalise, paraphrase_groups
 
-__all__ = ["BENCHMARK_VERSION", "BuildConfig", "WRITTEN_REFUSALS", "benchmark_dir", "build_benchmark", "is_built",
-           "packaged_benchmark_dir", "ship_build", "verify_build"]
+__all__ = ["BENCHMARK_VERSION", "BuildConfig", "WRITTEN_REFUSALS", "assign_v3_splits", "benchmark_dir",
+           "benchmark_folder", "build_benchmark", "collect_v3_prompts", "compare_builds", "is_built",
+           "packaged_benchmark_dir", "packaged_build_matches", "ship_build", "verify_build"]
 
 BENCHMARK_VERSION = "safety-v3"
 #: The build shipped inside the package (seed 0; see ``ship_build``).
