@@ -386,7 +386,7 @@ def test_loader_accepts_any_file_with_a_user_column(tmp_path):
     for row in other:
         ctx = row["context_pair_ids"]
         assert 2 <= len(ctx) <= 8 and row["pair_id"] not in ctx
-    with pytest.raises(ValueError, match=r"no user id column 'user_id' \(argument user_column\)"):
+    with pytest.raises(ValueError, match=r"no user id column 'user_id' \(argument user_column; recipe flag --user_column\)"):
         load_crowd_dataset(str(_write(tmp_path / "plain.jsonl", [{k: v for k, v in r.items() if k != "user_id"}
                                                                   for r in _rows()])))
     with pytest.raises(ContextError, match="fewer than the context size 12"):

@@ -68,6 +68,24 @@ def _text(value) -> str:
     return "" if value is None else str(value)
 
 
+def _check_unlabelled(ds, display: str, drop_invalid: bool):
+    """Rows without ``chosen_is_safe`` / ``rejected_is_safe``: the prompt and responses checked as for labelled
+    data (non-empty texts; errors name the file, row and column); no label columns are added."""
+    from llm_safepref.data_checks import DataValidationError, check_rows, warn_dropped_invalid
+
+    missing = [c for c in schema.PREFERENCE_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataValidationError(f"{display}: missing column(s) {missing}; a crowd preference file needs "
+                                  f"{list(schema.PREFERENCE_COLUMNS)} and a user id column; found {ds.column_names}")
+    if len(ds) == 0:
+        raise DataValidationError(f"{display}: it has no rows")
+    columns = {c: list(ds[c]) for c in schema.PREFERENCE_COLUMNS}
+    columns.update({c: [True] * len(ds) for c in schema.SAFETY_LABEL_COLUMNS})  # not checked: absent
+    check = check_rows(columns, name=display, drop_invalid=drop_invalid)
+    warn_dropped_invalid(check, name=display)
+    return ds.select(check.keep) if len(check.keep) != len(ds) else ds
+
+
 def load_crowd_dataset(name_or_path="embedded", split: str = "train", *, users: str = "crowd",
                        imbalanced: bool = False, user_column: str = schema.USER_ID, conversational: bool = False,
                        context_size=None, context_seed: int = 0, drop_invalid: bool = False):
@@ -106,13 +124,16 @@ def load_crowd_dataset(name_or_path="embedded", split: str = "train", *, users: 
 
     if user_column not in ds.column_names:
         raise CrowdDataError(
-            f"{display}: no user id column {user_column!r} (argument user_column); crowd data needs one user id per "
+            f"{display}: no user id column {user_column!r} (argument user_column; recipe flag --user_column); crowd data needs one user id per "
             f"row; found columns {ds.column_names}")
     if user_column != schema.USER_ID:
         if schema.USER_ID in ds.column_names:
             ds = ds.remove_columns(schema.USER_ID)
         ds = ds.rename_column(user_column, schema.USER_ID)
-    ds, _ = validate_preference_dataset(ds, source_name=display, drop_invalid=drop_invalid)
+    if all(c in ds.column_names for c in schema.SAFETY_LABEL_COLUMNS):
+        ds, _ = validate_preference_dataset(ds, source_name=display, drop_invalid=drop_invalid)
+    else:  # a crowd without safety labels (Safe-CPL's own setting): the texts are checked the same way
+        ds = _check_unlabelled(ds, display, drop_invalid)
     bad = [i for i, u in enumerate(ds[schema.USER_ID]) if u is None or not str(u).strip()]
     if bad:
         raise _data_error()(f"{display}: row {bad[0]}, column {user_column!r}: expected a non-empty user id, "

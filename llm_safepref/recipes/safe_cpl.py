@@ -376,9 +376,11 @@ class SafeCPLRecipeRun:
         if not self.is_main_process:
             return None
         sa, ta = self.script_args, self.training_args
+        train_logs = [e for e in self.trainer.state.log_history if "loss" in e and "train_runtime" not in e]
         record = run_record(
             method="safe_cpl", base_model=self.base_model, dataset=sa.dataset_name,
             crowd_imbalanced=sa.crowd_imbalanced, seed=ta.seed, global_step=self.trainer.state.global_step,
+            final_train_loss=train_logs[-1]["loss"] if train_logs else None,
             downstream_benchmark=self.downstream_benchmark, downstream_task=(
                 {"name": self.task_reward.name, "description": self.task_reward.description}
                 if self.task_reward else None),
