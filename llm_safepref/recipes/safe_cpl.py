@@ -80,8 +80,16 @@ class SafeCPLRecipeArguments(ScriptArguments):
         metadata={"help": "Stage-2 variants: search (K prior draws), amortized (a high-level policy over eps)."})
     baselines: list[str] = field(
         default_factory=lambda: ["task_only", "oracle", "rc"],
-        metadata={"help": "Baselines on the base model's K samples: task_only, oracle, rc (none: only Safe-CPL; "
-                          "task_only and oracle are needed for the normalisation and always run)."})
+        metadata={"help": "Baselines: task_only, oracle, rc (on the base model's K samples), dpo_pooled (a DPO LoRA "
+                          "trained on the pooled crowd, same steps; best-of-K of its samples on the task reward). "
+                          "task_only and oracle are needed for the normalisation and always run."})
+    personalization: bool = field(
+        default=False,
+        metadata={"help": "Also measure personalisation: held-out users' goal satisfaction with z inferred from "
+                          "--personalization_context of their pairs vs the prior mean (and dpo_pooled when run)."})
+    personalization_prompts: int = field(
+        default=24, metadata={"help": "Answerable (benign + look-dangerous) test prompts per held-out user."})
+    personalization_context: int = field(default=4, metadata={"help": "Pairs of a held-out user that infer its z."})
     rc_weights: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": "RC's omega values."})
     reward_model_steps: int = field(default=400, metadata={"help": "Full-batch steps of RC's reward model."})
@@ -178,10 +186,10 @@ class SafeCPLRecipeRun:
                 "--downstream_task embedded|<user id>|module:function")
             return
         unknown = sorted(set(sa.stage2_methods) - {"search", "amortized"})
-        bad_baselines = sorted(set(sa.baselines) - {"task_only", "oracle", "rc", "none"})
+        bad_baselines = sorted(set(sa.baselines) - {"task_only", "oracle", "rc", "dpo_pooled", "none"})
         if unknown or bad_baselines:
             raise RecipeError(f"unknown --stage2_methods {unknown} / --baselines {bad_baselines}; valid: search, "
-                              "amortized / task_only, oracle, rc, none")
+                              "amortized / task_only, oracle, rc, dpo_pooled, none")
         if sa.num_candidates < 1:
             raise RecipeError(f"--num_candidates must be >= 1, got {sa.num_candidates}")
         try:
@@ -362,10 +370,118 @@ class SafeCPLRecipeRun:
             extra["amortized_policy"] = rounds
             self.timings["safe_cpl_amortized_s"] = round(time.time() - t0, 1)
 
+        dpo_model = None
+        if "dpo_pooled" in sa.baselines:
+            t0 = time.time()
+            from llm_safepref.methods.safe_cpl.downstream import judge_candidates, sample_base_candidates
+
+            dpo_model, dpo_tok, extra["dpo_pooled_training"] = self._train_dpo_pooled()
+            cands = sample_base_candidates(dpo_model, dpo_tok, self.prompts, k, max_new_tokens=sa.eval_max_new_tokens,
+                                           batch_size=sa.eval_batch_size, temperature=sa.sample_temperature,
+                                           top_p=sa.sample_top_p, seed=seed, progress=self.is_main_process)
+            judge_candidates(cands, self.task_reward, self.judge)
+            outcomes["dpo_pooled"] = outcomes_of(cands, choose(cands.task_reward))
+            self.timings["dpo_pooled_s"] = round(time.time() - t0, 1)
+        if sa.personalization:
+            t0 = time.time()
+            extra["personalization"] = self._personalization(policy, dpo_model)
+            self.timings["personalization_s"] = round(time.time() - t0, 1)
+
         methods = {name: method_metrics([o], oracle=outcomes["oracle"], task_only=outcomes["task_only"], seed=seed)
                    for name, o in outcomes.items()}
         self.results = {"methods": methods, "outcomes": outcomes, **extra}
         return self.results
+
+    def _train_dpo_pooled(self):
+        """TRL's DPOTrainer with the same LoRA, steps, batch and learning rate on the pooled crowd (no user id)."""
+        from trl import DPOConfig, DPOTrainer, get_peft_config
+
+        ta = self.training_args
+        pooled = self.train_dataset.select_columns(["prompt", "chosen", "rejected"])
+        config = DPOConfig(output_dir=str(self.output_dir / "dpo_pooled"), max_steps=ta.max_steps,
+                           learning_rate=ta.learning_rate, lr_scheduler_type=ta.lr_scheduler_type,
+                           warmup_steps=ta.warmup_steps, per_device_train_batch_size=ta.per_device_train_batch_size,
+                           gradient_accumulation_steps=ta.gradient_accumulation_steps, max_length=ta.max_length,
+                           beta=ta.beta, seed=ta.seed, logging_steps=ta.logging_steps, save_strategy="no",
+                           report_to=[], use_cpu=ta.use_cpu, bf16=ta.bf16, fp16=ta.fp16, dataloader_pin_memory=False,
+                           model_init_kwargs=ta.model_init_kwargs)
+        trainer = DPOTrainer(model=self.model_path, args=config, train_dataset=pooled,
+                             processing_class=self.tokenizer, peft_config=get_peft_config(self.model_args))
+        t0 = time.time()
+        trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.eval()
+        logs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+        info = {"steps": trainer.state.global_step, "beta": ta.beta, "final_train_loss": logs[-1]["loss"] if logs
+                else None, "train_s": round(time.time() - t0, 1)}
+        return model, self.tokenizer, info
+
+    def _personalization(self, policy, dpo_model) -> dict:
+        """Held-out users' goal satisfaction: z inferred from a few of their pairs vs the prior mean (vs dpo_pooled).
+
+        Each held-out user's context is ``personalization_context`` of its validation pairs whose two responses are
+        both judged safe (the preference is the user's goal, not safety), on distinct prompts, drawn by a seeded
+        hash; the answers are greedy, on the same answerable test prompts for every user and model; the score is
+        the user's goal score of the answer (a refusal of an answerable prompt scores the goal's minimum).
+        """
+        import hashlib
+
+        import numpy as np
+
+        from llm_safepref.core.stats import bootstrap_ci
+        from llm_safepref.crowd import load_crowd_dataset
+        from llm_safepref.crowd.users import get_user
+        from llm_safepref.data.sampling import generate_responses
+
+        sa, seed = self.script_args, self.training_args.seed
+        rows = load_crowd_dataset(self.script_args.dataset_name, split="validation", users="heldout")
+        answerable = [p for p in self.prompts if p["category"] != "harmful"][: sa.personalization_prompts]
+        texts = [p["prompt"] for p in answerable]
+        by_user: dict[str, list[dict]] = {}
+        for r in rows:
+            if r.get("chosen_is_safe", True) and r.get("rejected_is_safe", True):
+                by_user.setdefault(r["user_id"], []).append(r)
+
+        def goal_scores(user, answers):
+            verdicts = self.judge.judge(texts, answers)
+            return [user.goal_score(a, p["category"], v["is_refusal"]) for a, p, v in zip(answers, answerable, verdicts)]
+
+        prior_answers = generate_in_batches(policy, texts, policy.prior_mean(), sa)
+        dpo_answers = None
+        if dpo_model is not None:
+            dpo_answers = [a or "" for a in generate_responses(dpo_model, self.tokenizer, texts,
+                                                               max_new_tokens=sa.eval_max_new_tokens,
+                                                               batch_size=sa.eval_batch_size, progress=False)]
+        per = {"inferred": [], "prior_mean": [], "dpo_pooled": []}
+        users_out = {}
+        for user_id in sorted(by_user):
+            user = get_user(user_id)
+            ranked = sorted(by_user[user_id], key=lambda r: hashlib.sha256(f"{seed}|{r['pair_id']}".encode()).hexdigest())
+            context, seen = [], set()
+            for r in ranked:
+                if r["prompt"] not in seen:
+                    context.append(r)
+                    seen.add(r["prompt"])
+                if len(context) == sa.personalization_context:
+                    break
+            z = policy.infer_z(context)
+            inferred = generate_in_batches(policy, texts, z, sa)
+            scores = {"inferred": goal_scores(user, inferred), "prior_mean": goal_scores(user, prior_answers)}
+            if dpo_answers is not None:
+                scores["dpo_pooled"] = goal_scores(user, dpo_answers)
+            for key, values in scores.items():
+                per[key].extend(values)
+            users_out[user_id] = {"z": [round(float(v), 4) for v in z], "context_pairs": [r["pair_id"] for r in context],
+                                  **{f"{k}_goal_satisfaction": round(float(np.mean(v)), 4) for k, v in scores.items()}}
+        out = {}
+        for key, values in per.items():
+            if values:
+                out[key] = {"goal_satisfaction": round(float(np.mean(values)), 4),
+                            "goal_satisfaction_ci": [round(x, 4) for x in bootstrap_ci(values, seed=seed)],
+                            "n": len(values), "scores": [round(float(v), 4) for v in values]}
+        return {**out, "users": users_out, "n_prompts": len(answerable), "context_size": sa.personalization_context,
+                "how": "mean goal score of each held-out user's goal over (user, answerable test prompt); greedy; "
+                       "95% percentile bootstrap over (user, prompt) cells"}
 
     # ------------------------------------------------------------------ outputs
 
@@ -415,6 +531,14 @@ class SafeCPLRecipeRun:
                   "for the rates, bootstrap for the reward and the normalised ratios; normalised reward = "
                   "task_reward / oracle's, normalised cost = harmful_rate / task_only's)")
         print("timings (s): " + ", ".join(f"{k}={v}" for k, v in self.timings.items()))
+
+
+def generate_in_batches(policy, texts, z, sa) -> list[str]:
+    """Greedy answers to ``texts`` with one ``z`` ``(d,)`` for all, in batches of ``eval_batch_size``."""
+    out = []
+    for start in range(0, len(texts), sa.eval_batch_size):
+        out += policy.generate(texts[start:start + sa.eval_batch_size], z=z, max_new_tokens=sa.eval_max_new_tokens)
+    return [o.strip() for o in out]
 
 
 def run_safe_cpl_recipe(argv: list[str] | None = None, description: str | None = None) -> int:
