@@ -111,7 +111,7 @@ def test_dpo_and_kto_defaults_state_their_precision(tmp_path):
 def test_defaults_tool_lists_and_prints():
     out = subprocess.run([sys.executable, "-m", "llm_safepref.recipes"], capture_output=True, text=True, timeout=60,
                          cwd=REPO, check=True).stdout
-    assert [line.split()[0] for line in out.splitlines()] == sorted(NAMES)
+    assert [line.split()[0] for line in out.splitlines()] == sorted((*NAMES, "safe_cpl_lora"))
     from llm_safepref.recipes import config_path
 
     shown = subprocess.run([sys.executable, "-m", "llm_safepref.recipes", "kto"], capture_output=True, text=True,
