@@ -16,7 +16,11 @@ Design decisions:
   ``runs/<run>/{checkpoint.pt,log.jsonl}``, ``artefacts/<task>__reward_model__seed<s>/``.
   Artefacts are jobs too (``kind="artefact"``), trained once per (task, seed) and finished
   before the jobs that need them (RC after its reward model); their records go to
-  ``DIR/artefacts/``.
+  ``DIR/artefacts/``. :func:`plan_jobs` follows ``requires`` transitively (an artefact may
+  need other artefacts), puts every artefact after the ones it needs (depth-first, a cycle is
+  an error) and plans each (task, artefact, seed) once however many jobs need it. An artefact
+  is done when its record exists and every file it declares (``artefact_files``) is in its
+  folder.
 - Backends run the same job function, :func:`execute_job`, which writes the run file with the
   toolkit's run record (``llm_safepref.core.provenance.run_record``: command, git revision,
   versions, lock hash, machine, date) and sets one torch thread: ``local`` runs it in this
@@ -25,6 +29,11 @@ Design decisions:
   passed as object references so that Ray orders them, on ``ray.init(address=--address)`` or a
   local instance of ``--jobs`` CPUs. Ray's workers find ``control`` through ``PYTHONPATH`` set
   to this checkout (``runtime_env``), so a cluster needs the checkout at the same path.
+- ``ensemble=True`` (``run_suite``; the CLI's ``--ensemble``): after sharding and skipping
+  the done runs, the remaining seeds of a ``presa`` / ``cpl`` (task, method) become one job
+  (``kind="ensemble"``, :func:`merge_ensembles`) trained as one batched ensemble
+  (``control.learners.ensemble``), each member with its own run folder, checkpoint and run
+  file, equal to its separately trained run up to float rounding.
 - ``--shard i/n`` (0 <= i < n) keeps the whole (task, seed) groups ``k`` with ``k % n == i``
   (in ``--tasks`` x ``--seeds`` order): a group's artefacts stay with its runs.
 - ``--aggregate`` merges every run file of ``DIR/runs`` into ``DIR/table.json`` and
@@ -33,6 +42,10 @@ Design decisions:
   = reward ÷ Oracle's of the same task and seed, both DSRL-normalised first since raw returns
   can be negative; ``normalized_cost`` = cost ÷ Task-only's, ``(C + 1) / (C_task + 1)`` when
   Task-only's is 0) and DSRL's (``dsrl_normalized_reward``, ``dsrl_normalized_cost``).
+  Each row also says whether its runs' validation returns levelled off
+  (``control.learners.validation``: the verdict stored in the run file, else read from its
+  log): ``undertrained`` is True when some seed's curve did not, False when every seed's did,
+  None without validation; ``table.md`` marks the first "undertrained".
 """
 
 from __future__ import annotations
@@ -51,16 +64,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from control.data import SCALES, dataset_path
-from control.learners import (ARTEFACTS, METHODS, build_command, default_config, get_method, method_names, train,
-                              train_artefact)
-from control.learners.reward_model import ARTEFACT_FILE, META_FILE
+from control.learners import (ARTEFACTS, ENSEMBLE_METHODS, METHODS, artefact_files, build_command, default_config,
+                              get_method, method_names, train, train_artefact, train_ensemble)
+from control.learners.validation import read_validation, summarize_validation
 from control.tasks import task_names
 from llm_safepref.core.paths import cache_root
 from llm_safepref.core.provenance import run_record, write_json
 from llm_safepref.core.stats import mean_std
 from llm_safepref.core.tables import format_mean_std, markdown_table
 
-__all__ = ["RUN_FORMAT", "TABLE_FORMAT", "SuiteError", "Job", "SuiteRequest", "plan_jobs", "parse_shard",
+__all__ = ["RUN_FORMAT", "TABLE_FORMAT", "SuiteError", "Job", "SuiteRequest", "plan_jobs", "merge_ensembles",
+           "parse_shard",
            "shard_jobs", "execute_job", "run_suite", "read_run_file", "aggregate", "default_work_dir",
            "parse_overrides", "TABLE_FIELDS"]
 
@@ -80,17 +94,27 @@ class SuiteError(ValueError):
 
 @dataclass(frozen=True)
 class Job:
-    """One run (``kind="run"``: ``name`` is a method) or shared artefact (``"artefact"``: an artefact kind)."""
+    """One run (``kind="run"``: ``name`` is a method), shared artefact (``"artefact"``: an artefact kind),
+    or the runs of several ``seeds`` of one method trained as one batched ensemble (``"ensemble"``)."""
 
     kind: str
     task: str
     name: str
     seed: int
     deps: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
+        if self.kind == "ensemble":
+            return f"{self.task}__{self.name}__seeds{'-'.join(map(str, self.seeds))}"
         return f"{self.task}__{self.name}__seed{self.seed}"
+
+    def members(self) -> list["Job"]:
+        """An ensemble's runs (one per seed); a run or artefact is its own single member."""
+        if self.kind != "ensemble":
+            return [self]
+        return [Job("run", self.task, self.name, s, self.deps) for s in self.seeds]
 
 
 @dataclass
@@ -113,17 +137,58 @@ class SuiteRequest:
 
 
 def plan_jobs(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> list[Job]:
-    """Jobs in dependency order: per (task, seed) group, its artefacts first, then its runs."""
+    """Jobs in dependency order: per (task, seed) group, its artefacts first, then its runs.
+
+    Artefacts come depth-first in the order the methods first need them, each after the
+    artefacts it requires itself, and once per (task, seed) group; a repeated method is one run.
+    """
     jobs = []
+    methods = list(dict.fromkeys(methods))
     for task in tasks:
         for seed in seeds:
-            needed = sorted({a for m in methods for a in get_method(m).requires})
-            for kind in needed:
-                jobs.append(Job("artefact", task, kind, seed))
+            planned: dict[str, Job] = {}
+
+            def visit(kind: str, path: tuple[str, ...]) -> None:
+                if kind in path:
+                    raise SuiteError(f"artefact dependency cycle: {' -> '.join((*path, kind))}")
+                if kind not in ARTEFACTS:
+                    raise SuiteError(f"{path[-1]!r} requires the unknown artefact {kind!r}; valid artefacts: "
+                                     f"{', '.join(ARTEFACTS)}")
+                if kind in planned:
+                    return
+                needs = ARTEFACTS[kind].requires
+                for dep in needs:
+                    visit(dep, (*path, kind))
+                planned[kind] = Job("artefact", task, kind, seed, tuple(planned[d].key for d in needs))
+                jobs.append(planned[kind])
+
             for m in methods:
-                deps = tuple(Job("artefact", task, a, seed).key for a in get_method(m).requires)
+                for a in get_method(m).requires:
+                    visit(a, (m,))
+            for m in methods:
+                deps = tuple(planned[a].key for a in get_method(m).requires)
                 jobs.append(Job("run", task, m, seed, deps))
     return jobs
+
+
+def merge_ensembles(jobs: Sequence[Job]) -> list[Job]:
+    """The runs of ``ENSEMBLE_METHODS`` with the same (task, method) as one ``"ensemble"`` job each.
+
+    The ensemble takes the place of its first member; a (task, method) with one seed stays a run.
+    """
+    groups: dict[tuple[str, str], list[Job]] = {}
+    for j in jobs:
+        if j.kind == "run" and j.name in ENSEMBLE_METHODS:
+            groups.setdefault((j.task, j.name), []).append(j)
+    out = []
+    for j in jobs:
+        group = groups.get((j.task, j.name)) if j.kind == "run" else None
+        if not group or len(group) == 1:
+            out.append(j)
+        elif j is group[0]:
+            deps = tuple(dict.fromkeys(d for m in group for d in m.deps))
+            out.append(Job("ensemble", j.task, j.name, j.seed, deps, tuple(m.seed for m in group)))
+    return out
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -216,8 +281,16 @@ def read_run_file(path: str | Path, job: Job | None = None, scale: str | None = 
 
 
 def _artefact_done(req: SuiteRequest, job: Job) -> bool:
+    """Its record reads as this artefact's and every file the artefact declares is in its folder."""
+    try:
+        record = json.loads(req.result_path(job).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(record, dict) or (record.get("kind"), record.get("task"), record.get("seed")) != \
+            (job.name, job.task, job.seed):
+        return False
     folder = req.job_dir(job)
-    return req.result_path(job).exists() and (folder / ARTEFACT_FILE).exists() and (folder / META_FILE).exists()
+    return all((folder / name).exists() for name in artefact_files(job.name))
 
 
 def _is_done(req: SuiteRequest, job: Job, say: Callable[[str], None]) -> bool:
@@ -252,12 +325,23 @@ def execute_job(job: Job, req: SuiteRequest, *_deps: Any) -> dict[str, Any]:
     torch.set_num_threads(1)
     say = lambda s: print(f"[{job.key}] {s}", flush=True)  # noqa: E731
     over = req.overrides.get(job.name, {})
+    if job.kind == "ensemble":
+        members = job.members()
+        recs = train_ensemble(job.task, job.name, list(job.seeds), req.scale, [req.job_dir(m) for m in members],
+                              data_dir=req.data_dir, data_seed=req.data_seed, overrides=over, log=say)
+        for m, res in zip(members, recs):
+            write_json(req.result_path(m), {"format": RUN_FORMAT, **run_record(command=req.command), **res,
+                                            "work_dir": str(req.job_dir(m))})
+        mean = lambda k: sum(r["metrics"][k] for r in recs) / len(recs)  # noqa: E731
+        return {"key": job.key, "kind": job.kind, "seconds": recs[0]["train"]["ensemble"]["train_seconds"],
+                "metrics": {k: mean(k) for k in ("eval/normalized_reward", "eval/normalized_cost")},
+                "resumed_from": recs[0]["train"]["resumed_from"]}
+    spec = ARTEFACTS[job.name] if job.kind == "artefact" else get_method(job.name)
+    artefacts = {kind: str(req.job_dir(Job("artefact", job.task, kind, job.seed))) for kind in spec.requires}
     if job.kind == "artefact":
         res = train_artefact(job.name, job.task, job.seed, req.scale, req.job_dir(job), data_dir=req.data_dir,
-                             data_seed=req.data_seed, overrides=over, log=say)
+                             data_seed=req.data_seed, artefacts=artefacts, overrides=over, log=say)
     else:
-        artefacts = {kind: str(req.job_dir(Job("artefact", job.task, kind, job.seed)))
-                     for kind in get_method(job.name).requires}
         res = train(job.task, job.name, job.seed, req.scale, req.job_dir(job), data_dir=req.data_dir,
                     data_seed=req.data_seed, artefacts=artefacts, overrides=over, log=say)
     record = {"format": RUN_FORMAT, **run_record(command=req.command), **res,
@@ -383,7 +467,7 @@ def run_suite(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
               backend: str = "local", jobs: int = 1, shard: str | None = None, do_aggregate: bool = False,
               address: str | None = None, data_dir: str | None = None, data_seed: int = 0,
               work_dir: str | Path | None = None, overrides: Sequence[str] = (), command: str | None = None,
-              say: Callable[[str], None] | None = None) -> int:
+              ensemble: bool = False, say: Callable[[str], None] | None = None) -> int:
     """Run the suite (module docstring); returns 0, or 1 when some run failed. Bad input raises ``SuiteError``."""
     say = say or (lambda s: print(s, flush=True))
     _check_request(tasks, methods, seeds, scale)
@@ -401,6 +485,12 @@ def run_suite(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
                          f"{build_command(' '.join(missing), scale, data_seed, data_dir)}")
     say(f"suite: {len(planned)} jobs ({len(planned) - len(todo)} done already), backend {backend}, "
         f"{jobs} worker(s); results {out}, checkpoints {req.work_dir}")
+    if ensemble:
+        merged = merge_ensembles(todo)
+        for j in merged:
+            if j.kind == "ensemble":
+                say(f"suite: {j.key}: seeds {', '.join(map(str, j.seeds))} of {j.name} as one batched ensemble")
+        todo = merged
     t0 = time.time()
     failed: list[str] = []
     if todo:
@@ -414,6 +504,17 @@ def run_suite(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
 
 
 # --------------------------------------------------------------------------- aggregate
+
+
+def _levelled_off(record: dict) -> bool | None:
+    """A run's verdict: its run file's ``validation``, else computed from its log when that is here."""
+    v = record.get("validation")
+    if isinstance(v, dict) and "levelled_off" in v:
+        return v["levelled_off"]
+    log = (record.get("train") or {}).get("log")
+    if log and Path(log).exists():
+        return summarize_validation(read_validation(log))["levelled_off"]
+    return None
 
 
 def _ratio(x: float | None, ref: float | None, eps: float = 0.0) -> float | None:
@@ -465,6 +566,13 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
     method_order = [m for m in METHODS if any(k[1] == m for k in by)]
     rows = []
 
+    verdicts = {key: _levelled_off(r) for key, r in by.items()}
+
+    def undertrained(keys) -> dict[str, Any]:
+        v = [verdicts[k] for k in keys if verdicts[k] is not None]
+        return {"undertrained": None if not v else not all(v), "n_not_levelled": sum(not x for x in v),
+                "n_validated": len(v)}
+
     def row(task: str, method: str, per_seed: dict[int, dict[str, float | None]]) -> dict:
         out_row: dict[str, Any] = {"task": task, "method": method}
         for f in TABLE_FIELDS:
@@ -478,7 +586,8 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
         for task in task_order:
             per_seed = {k[2]: v for k, v in values.items() if k[0] == task and k[1] == method}
             if per_seed:
-                rows.append(row(task, method, per_seed))
+                rows.append({**row(task, method, per_seed),
+                             **undertrained([k for k in by if k[0] == task and k[1] == method])})
         seeds = sorted({k[2] for k in values if k[1] == method})
         averaged = {}
         for seed in seeds:
@@ -487,7 +596,8 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
                                         len([x for x in mine if x[f] is not None]))
                                   if any(x[f] is not None for x in mine) else None) for f in TABLE_FIELDS}
         rows.append({**row("average", method, averaged),
-                     "n_tasks": len({k[0] for k in values if k[1] == method})})
+                     "n_tasks": len({k[0] for k in values if k[1] == method}),
+                     **undertrained([k for k in by if k[1] == method])})
     table = {"format": TABLE_FORMAT, **run_record(command=command), "scale": scales[0] if scales else None,
              "tasks": task_order, "methods": method_order, "seeds": sorted({k[2] for k in by}),
              "runs": sorted(f"{t}__{m}__seed{s}.json" for t, m, s in by), "rows": rows,
@@ -496,15 +606,25 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
                  "normalized_cost": "episode cost / Task-only's of the same task and seed ((C + 1) / (C_task + 1) "
                                     "when Task-only's is 0)",
                  "dsrl_normalized_reward": "(R - R_min) / (R_max - R_min), references from the dataset's episodes",
-                 "dsrl_normalized_cost": "C / kappa"}}
+                 "dsrl_normalized_cost": "C / kappa"},
+             "validation_criterion": summarize_validation([])["criterion"]}
     write_json(out / "table.json", table)
-    headers = ["task", "method", "normalized reward", "normalized cost", "DSRL reward", "DSRL cost", "seeds"]
-    md_rows = [[r["task"], r["method"], *(format_mean_std(r[f], r[f + "_std"]) for f in TABLE_FIELDS), r["n_seeds"]]
-               for r in rows]
+    headers = ["task", "method", "normalized reward", "normalized cost", "DSRL reward", "DSRL cost", "seeds",
+               "validation"]
+
+    def verdict(r: dict) -> str:
+        if r["undertrained"] is None:
+            return "—"
+        return (f"undertrained ({r['n_not_levelled']}/{r['n_validated']} not levelled off)" if r["undertrained"]
+                else "levelled off")
+
+    md_rows = [[r["task"], r["method"], *(format_mean_std(r[f], r[f + "_std"]) for f in TABLE_FIELDS), r["n_seeds"],
+                verdict(r)] for r in rows]
     md = (f"# Control suite ({table['scale']})\n\n"
           f"Mean ± std over seeds; normalized reward = reward ÷ Oracle's, normalized cost = cost ÷ Task-only's "
           f"(paper form); DSRL: (R − R_min)/(R_max − R_min) and C/κ.\n\n"
-          + markdown_table(headers, md_rows, align=["l", "l", "r", "r", "r", "r", "r"])
+          + markdown_table(headers, md_rows, align=["l", "l", "r", "r", "r", "r", "r", "l"])
+          + f"\n\nValidation: {table['validation_criterion']} (`control/learners/validation.py`)."
           + f"\n\nCommand: `{table['command']}`  \nRevision {table['git_revision']}, {table['machine']}, "
             f"{table['date']}.\n")
     tmp = out / "table.md.tmp"

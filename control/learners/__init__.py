@@ -21,14 +21,23 @@ safe_cpl   Safe-CPL: latent-user CPL on the crowd (encoder trained jointly), the
 safe_vpl   Safe-VPL: VAE reward model of the crowd, z-conditioned TD3+BC, then stage 2 (``safe_vpl``)
 ========== ====================================================================================
 
+Imbalance arms (``<method>_imbalanced``: ``rc_0.5_imbalanced``, ``safe_cpl_imbalanced``,
+``safe_vpl_imbalanced``) are the same learners on a crowd in which user 0 labels
+``IMBALANCE_WEIGHT`` (4) times as many query sets as each other user
+(``reward_model.imbalanced_user_weights``): one setting shared by the three, RC's through its
+own ``reward_model_imbalanced`` artefact.
+
 Design decisions:
 
 - Everything a learner needs from the loss side is ``llm_safepref.core`` (through
   ``control.objectives`` for PRESA); the RL machinery (TD3+BC critics, the reward net) is
   control's own.
-- Shared artefacts (:data:`ARTEFACTS`; today the reward model of RC) are trained once per
-  (task, seed) by :func:`train_artefact`, resumable like a run, and passed to the methods that
-  ``require`` them as folders. Safe-CPL and Safe-VPL need none: each trains its own encoder
+- Shared artefacts (:data:`ARTEFACTS`; today RC's reward models, balanced and imbalanced) are
+  trained once per (task, seed) by :func:`train_artefact`, resumable like a run, and passed to
+  the methods (or artefacts) that ``require`` them as folders, under the learner keyword the
+  artefact ``provides`` (both reward models reach RC as ``reward_model=``). An artefact says
+  which files it writes (its learner's ``output_files``, :func:`artefact_files`), so the suite
+  knows when one is complete. Safe-CPL and Safe-VPL need none: each trains its own encoder
   and its stage 1 and stage 2 in one resumable run (``control.learners.composition``).
 - Config overrides come as ``{"field": value}`` or ``{"objective.safety_delta": value}`` for
   a nested config; strings (from the command line) are converted to the field's type.
@@ -41,17 +50,19 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from control.data import DataError, VERSION, dataset_path, load_dataset
 from control.learners import bc_safe, cpl, oracle, presa, rc, reward_model, safe_cpl, safe_vpl, task_only, td3bc_lag
 from control.learners.base import CheckpointMismatch, evaluate_downstream, run_learner
+from control.learners.ensemble import ENSEMBLE_METHODS, run_ensemble
+from control.learners.validation import read_validation, summarize_validation
 
 __all__ = ["MethodSpec", "METHODS", "ARTEFACTS", "method_names", "get_method", "default_config", "apply_overrides",
-           "train", "train_artefact", "load_task_dataset", "MissingDataset", "data_version", "CheckpointMismatch",
-           "build_command"]
+           "artefact_files", "artefact_keyword", "train", "train_ensemble", "ENSEMBLE_METHODS", "train_artefact",
+           "load_task_dataset", "MissingDataset", "data_version", "CheckpointMismatch", "build_command"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,10 @@ class MethodSpec:
     description: str
     defaults: tuple[tuple[str, Any], ...] = ()
     requires: tuple[str, ...] = ()
+    #: Per-task config defaults ``task -> {field: value}`` (the imbalance arms' user weights).
+    task_defaults: Callable[[str], dict[str, Any]] | None = None
+    #: Artefacts only: the learner keyword under which dependents receive its folder (default: its name).
+    provides: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -86,11 +101,42 @@ METHODS: dict[str, MethodSpec] = {
                            "Safe-VPL: VAE reward model, z-conditioned TD3+BC, then composition (stage 2)"),
 }
 
-#: Shared artefacts: name -> (learner class, config factory).
+_IMBALANCED = lambda task: {"user_weights": reward_model.imbalanced_user_weights(task)}  # noqa: E731
+
+#: The imbalance arms: ``<base method>_imbalanced`` (the issue's scope: RC(0.5), Safe-CPL, Safe-VPL).
+METHODS.update({
+    "rc_0.5_imbalanced": dataclasses.replace(
+        METHODS["rc_0.5"], name="rc_0.5_imbalanced", requires=("reward_model_imbalanced",),
+        description="RC(0.5) on an imbalanced crowd (user 0 labels 4x as often)"),
+    "safe_cpl_imbalanced": dataclasses.replace(
+        METHODS["safe_cpl"], name="safe_cpl_imbalanced", task_defaults=_IMBALANCED,
+        description="Safe-CPL on an imbalanced crowd (user 0 labels 4x as often)"),
+    "safe_vpl_imbalanced": dataclasses.replace(
+        METHODS["safe_vpl"], name="safe_vpl_imbalanced", task_defaults=_IMBALANCED,
+        description="Safe-VPL on an imbalanced crowd (user 0 labels 4x as often)"),
+})
+
+#: Shared artefacts: name -> (learner class, config factory, the artefacts they need, keyword they provide).
 ARTEFACTS: dict[str, MethodSpec] = {
     "reward_model": MethodSpec("reward_model", reward_model.RewardModelLearner, reward_model.config_for,
                                "Bradley-Terry reward model on the crowd's pooled preferences"),
+    "reward_model_imbalanced": MethodSpec(
+        "reward_model_imbalanced", reward_model.RewardModelLearner, reward_model.config_for,
+        "Bradley-Terry reward model on an imbalanced crowd's pooled preferences (user 0 labels 4x as often)",
+        task_defaults=_IMBALANCED, provides="reward_model"),
 }
+
+
+def artefact_files(kind: str) -> tuple[str, ...]:
+    """The files an artefact writes into its folder (its learner's ``output_files``); all must exist when done."""
+    if kind not in ARTEFACTS:
+        raise ValueError(f"unknown artefact {kind!r}; valid artefacts: {', '.join(ARTEFACTS)}")
+    return tuple(ARTEFACTS[kind].learner.output_files)
+
+
+def artefact_keyword(kind: str) -> str:
+    """The learner keyword under which a dependent receives the artefact's folder."""
+    return ARTEFACTS[kind].provides or kind
 
 
 def method_names() -> list[str]:
@@ -152,7 +198,8 @@ def default_config(method: str, task: str, scale: str, overrides: Mapping[str, A
     spec = METHODS.get(method) or ARTEFACTS.get(method)
     if spec is None:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    return apply_overrides(spec.config_for(task, scale, **dict(spec.defaults)), overrides)
+    base = {**dict(spec.defaults), **(spec.task_defaults(task) if spec.task_defaults else {})}
+    return apply_overrides(spec.config_for(task, scale, **base), overrides)
 
 
 # --------------------------------------------------------------------------- data
@@ -196,48 +243,99 @@ def _config_json(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def _prepare(task: str, method: str, scale: str, data_dir, data_seed: int, overrides):
+    spec = get_method(method)
+    config = default_config(method, task, scale, overrides)
+    torch.set_num_threads(config.threads)
+    return spec, config, load_task_dataset(task, scale, data_seed, data_dir)
+
+
+def _run_record(task, method, seed, scale, config, ds, data_path, learner, trained, artefacts, t0) -> dict[str, Any]:
+    evaluation = evaluate_downstream(learner.policy(), ds, config, seed)
+    return {"task": task, "method": method, "seed": int(seed), "scale": scale, "config": _config_json(config),
+            "data": data_version(ds, data_path),
+            "metrics": {**trained["last"], **evaluation["metrics"]}, "per_goal": evaluation["per_goal"],
+            "train": {k: trained[k] for k in ("steps", "resumed_from", "log", "checkpoint")},
+            "validation": summarize_validation(read_validation(trained["log"])),
+            "info": learner.info(), "artefacts": dict(artefacts or {}), "seconds": round(time.time() - t0, 3)}
+
+
 def train(task: str, method: str, seed: int, scale: str, out_dir: str | Path, *, data_dir: str | None = None,
           data_seed: int = 0, artefacts: Mapping[str, str] | None = None,
           overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one run; resumes from ``out_dir/checkpoint.pt`` when present.
 
     Returns ``{"task", "method", "seed", "scale", "config", "data", "metrics", "per_goal",
-    "train", "info", "artefacts", "seconds"}``; ``metrics`` holds the last logged training
-    metrics and the evaluation's ``eval/...`` (``eval/normalized_reward`` and
-    ``eval/normalized_cost`` are DSRL's, averaged over the held-out goals).
+    "train", "validation", "info", "artefacts", "seconds"}``; ``metrics`` holds the last logged
+    training metrics and the evaluation's ``eval/...`` (``eval/normalized_reward`` and
+    ``eval/normalized_cost`` are DSRL's, averaged over the held-out goals); ``validation`` the
+    periodic validation curve and whether it levelled off (``control.learners.validation``).
     """
     t0 = time.time()
-    spec = get_method(method)
-    config = default_config(method, task, scale, overrides)
-    torch.set_num_threads(config.threads)
-    ds = load_task_dataset(task, scale, data_seed, data_dir)
+    spec, config, ds = _prepare(task, method, scale, data_dir, data_seed, overrides)
+    learner = spec.learner(config, ds, seed, **_artefact_kwargs(f"method {method!r}", spec, artefacts))
+    trained = run_learner(learner, out_dir, log=log)
+    return _run_record(task, method, seed, scale, config, ds, dataset_path(task, scale, data_seed, data_dir), learner,
+                       trained, artefacts, t0)
+
+
+def train_ensemble(task: str, method: str, seeds: Sequence[int], scale: str, out_dirs: Sequence[str | Path], *,
+                   data_dir: str | None = None, data_seed: int = 0, overrides: Mapping[str, Any] | None = None,
+                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`train` for several seeds of a ``presa`` / ``cpl`` run at once, as one batched ensemble.
+
+    ``control.learners.ensemble``: each member equals its separately trained run (float
+    rounding aside), keeps its own folder in ``out_dirs`` and gets its own record (as
+    :func:`train` returns it, plus ``train["ensemble"]``: the seeds trained together and the
+    shared training seconds).
+    """
+    if method not in ENSEMBLE_METHODS:
+        raise ValueError(f"method {method!r} cannot train as an ensemble; ensemble methods: "
+                         f"{', '.join(ENSEMBLE_METHODS)}")
+    if len(seeds) != len(out_dirs) or not seeds:
+        raise ValueError(f"{len(seeds)} seeds and {len(out_dirs)} run folders; give one folder per seed")
+    t0 = time.time()
+    spec, config, ds = _prepare(task, method, scale, data_dir, data_seed, overrides)
+    learners = [spec.learner(config, ds, s) for s in seeds]
+    results = run_ensemble(learners, out_dirs, log=log)
+    shared = round(time.time() - t0, 3)
+    records = []
+    for seed, learner, trained in zip(seeds, learners, results):
+        rec = _run_record(task, method, seed, scale, config, ds, dataset_path(task, scale, data_seed, data_dir),
+                          learner, trained, None, time.time())
+        rec["seconds"] = round(shared + rec["seconds"], 3)  # the shared training time plus its own evaluation
+        rec["train"]["ensemble"] = {"seeds": [int(s) for s in seeds], "train_seconds": shared}
+        records.append(rec)
+    return records
+
+
+def _artefact_kwargs(who: str, spec: MethodSpec, artefacts: Mapping[str, str] | None) -> dict[str, str]:
+    """``{learner keyword: folder}`` of the artefacts ``spec`` requires; a missing one is an error."""
     kwargs = {}
     for need in spec.requires:
         if not artefacts or need not in artefacts:
-            raise ValueError(f"method {method!r} needs the {need!r} artefact; train it with train_artefact("
+            raise ValueError(f"{who} needs the {need!r} artefact; train it with train_artefact("
                              f"{need!r}, ...) or run it through the suite, which does so first")
-        kwargs[need] = artefacts[need]
-    learner = spec.learner(config, ds, seed, **kwargs)
-    trained = run_learner(learner, out_dir, log=log)
-    evaluation = evaluate_downstream(learner.policy(), ds, config, seed)
-    return {"task": task, "method": method, "seed": int(seed), "scale": scale, "config": _config_json(config),
-            "data": data_version(ds, dataset_path(task, scale, data_seed, data_dir)),
-            "metrics": {**trained["last"], **evaluation["metrics"]}, "per_goal": evaluation["per_goal"],
-            "train": {k: trained[k] for k in ("steps", "resumed_from", "log", "checkpoint")},
-            "info": learner.info(), "artefacts": dict(artefacts or {}), "seconds": round(time.time() - t0, 3)}
+        kwargs[artefact_keyword(need)] = artefacts[need]
+    return kwargs
 
 
 def train_artefact(kind: str, task: str, seed: int, scale: str, out_dir: str | Path, *, data_dir: str | None = None,
-                   data_seed: int = 0, overrides: Mapping[str, Any] | None = None,
+                   data_seed: int = 0, artefacts: Mapping[str, str] | None = None,
+                   overrides: Mapping[str, Any] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train a shared artefact (``reward_model``) into ``out_dir``; resumable; returns its record."""
+    """Train a shared artefact (``reward_model``, ...) into ``out_dir``; resumable; returns its record.
+
+    ``artefacts`` are the folders of the artefacts it requires itself (none do today).
+    """
     if kind not in ARTEFACTS:
         raise ValueError(f"unknown artefact {kind!r}; valid artefacts: {', '.join(ARTEFACTS)}")
     t0 = time.time()
     config = default_config(kind, task, scale, overrides)
     torch.set_num_threads(config.threads)
     ds = load_task_dataset(task, scale, data_seed, data_dir)
-    learner = ARTEFACTS[kind].learner(config, ds, seed)
+    spec = ARTEFACTS[kind]
+    learner = spec.learner(config, ds, seed, **_artefact_kwargs(f"artefact {kind!r}", spec, artefacts))
     trained = run_learner(learner, out_dir, log=log)
     meta = learner.finalize(out_dir)
     return {"kind": kind, "task": task, "seed": int(seed), "scale": scale, "config": _config_json(config),
@@ -245,4 +343,5 @@ def train_artefact(kind: str, task: str, seed: int, scale: str, out_dir: str | P
             "metrics": {**trained["last"], **{f"heldout/{k[8:]}": v for k, v in meta.items()
                                               if k.startswith("heldout_")}},
             "train": {k: trained[k] for k in ("steps", "resumed_from", "log", "checkpoint")},
-            "info": meta, "dir": str(out_dir), "seconds": round(time.time() - t0, 3)}
+            "info": meta, "dir": str(out_dir), "files": list(artefact_files(kind)),
+            "artefacts": dict(artefacts or {}), "seconds": round(time.time() - t0, 3)}

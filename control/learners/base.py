@@ -25,6 +25,15 @@ Design decisions:
   over the dataset's episode length, with the DSRL reference of ``reward_reference`` (the
   dataset's lowest and highest complete-episode return for that goal); the learner's seed is
   the evaluation seed, so evaluations are reproducible.
+- Periodic validation (``validate_every`` > 0): every that many steps, where the learner
+  ``can_validate`` (latent learners: in stage 2 only, when their composed policy exists),
+  :func:`run_learner` evaluates the current policy on ``validate_goals`` held-out downstream
+  goals that are *not* the final evaluation's (:func:`validation_goals`; the evaluation goals
+  only when no other held-out goal is left) with ``validate_episodes`` episodes each and env
+  seeds offset by ``VALIDATION_SEED_OFFSET``, and logs one ``{"step", "event": "validation",
+  "eval/normalized_reward", ...}`` line. Evaluation touches neither random generator of the
+  learner, so a run with validation trains exactly as one without; ``control.learners.
+  validation`` reads these lines and says whether the validation return levelled off.
 """
 
 from __future__ import annotations
@@ -59,12 +68,17 @@ __all__ = [
     "RunLog",
     "CheckpointMismatch",
     "run_learner",
+    "LearnerRun",
     "evaluate_downstream",
     "dataset_obs_stats",
     "dataset_features",
+    "validation_goals",
+    "VALIDATION_SEED_OFFSET",
 ]
 
 CHECKPOINT_FORMAT = "control-learner-checkpoint-1"
+#: Validation episodes use env seeds of ``seed + VALIDATION_SEED_OFFSET`` (never the final evaluation's).
+VALIDATION_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -83,14 +97,22 @@ class LearnerConfig:
     checkpoint_every: int = field(default=50, metadata={"help": "Steps between checkpoints (one is also written "
                                                                    "at the end)."})
     threads: int = field(default=1, metadata={"help": "torch threads (1: suite workers share the cores)."})
+    validate_every: int = field(default=0, metadata={"help": "Steps between validation evaluations during "
+                                                              "training (0: none)."})
+    validate_goals: int = field(default=4, metadata={"help": "Held-out downstream goals of each validation (not the "
+                                                             "final evaluation's)."})
+    validate_episodes: int = field(default=1, metadata={"help": "Episodes per goal of each validation."})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "hidden", "layers", "eval_goals", "eval_episodes", "eval_n_envs",
-                     "log_every", "checkpoint_every", "threads"):
+                     "log_every", "checkpoint_every", "threads", "validate_goals", "validate_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"{type(self).__name__}.lr must be > 0, got {self.lr}")
+        if self.validate_every < 0:
+            raise ValueError(f"{type(self).__name__}.validate_every must be >= 0 (0: no validation), got "
+                             f"{self.validate_every}")
 
 
 # --------------------------------------------------------------------------- goals
@@ -120,6 +142,23 @@ def eval_goals(spec: TaskSpec, n: int) -> np.ndarray:
         raise ValueError(f"{spec.name}: every downstream goal is a user goal; nothing to evaluate on")
     idx = np.unique(np.round(np.linspace(0, len(held_out) - 1, min(n, len(held_out)))).astype(int))
     return held_out[idx]
+
+
+def validation_goals(spec: TaskSpec, n: int, n_eval: int) -> np.ndarray:
+    """(min(n, G''), goal_dim): ``n`` evenly spaced held-out goals that are neither user goals nor
+    among ``eval_goals(spec, n_eval)``; the evaluation goals themselves when none is left (e.g. at
+    ``paper`` scale, which evaluates on every held-out goal).
+
+    The learning curve is read on these; the final table on the evaluation goals.
+    """
+    grid = train_goals(spec)
+    is_user = (np.abs(grid[:, None, :] - spec.user_goals[None, :, :]).max(-1) < 1e-9).any(1)
+    held_out = grid[~is_user]
+    ev = eval_goals(spec, n_eval)
+    is_eval = (np.abs(held_out[:, None, :] - ev[None, :, :]).max(-1) < 1e-9).any(1)
+    pool = held_out[~is_eval] if (~is_eval).any() else ev
+    idx = np.unique(np.round(np.linspace(0, len(pool) - 1, min(n, len(pool)))).astype(int))
+    return pool[idx]
 
 
 # --------------------------------------------------------------------------- data views
@@ -201,6 +240,10 @@ class Learner:
         """Facts about the training data for the run record (sizes, thresholds)."""
         return {}
 
+    def can_validate(self, step: int) -> bool:
+        """Whether :meth:`policy` after ``step`` steps is a policy worth validating (latent learners: stage 2)."""
+        return True
+
     # -- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -270,16 +313,81 @@ def _config_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+#: Config fields that change no training step (validation only reads the policy): not compared on resume.
+NOT_TRAINING_FIELDS = ("validate_every", "validate_goals", "validate_episodes")
+
+
 def _check_checkpoint(state: Mapping, method: str, config) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatch(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     if state.get("method") != method:
         raise CheckpointMismatch(f"checkpoint of method {state.get('method')!r}, this run is {method!r}")
     want, have = _config_dict(config), state.get("config", {})
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k) and k not in NOT_TRAINING_FIELDS)
     if diff:
         raise CheckpointMismatch("checkpoint config differs in " + ", ".join(
             f"{k} (checkpoint {have.get(k)!r}, this run {want.get(k)!r})" for k in diff))
+
+
+class LearnerRun:
+    """One learner's run folder: resume on construction, then :meth:`record` after every step, :meth:`finish`.
+
+    :func:`run_learner` drives one learner with it; ``control.learners.ensemble`` drives the
+    members of a batched ensemble with one each (so both write the same logs and checkpoints).
+    """
+
+    def __init__(self, learner: Learner, out_dir: str | Path, *, log: Callable[[str], None] | None = None):
+        self.learner, self.cfg = learner, learner.config
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.run_log = RunLog(self.out_dir / "log.jsonl")
+        say = log or (lambda s: None)
+        self.start, self.resumed_from = 0, None
+        if self.ckpt_path.exists():
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            try:
+                _check_checkpoint(state, learner.method, self.cfg)
+            except CheckpointMismatch as e:
+                raise CheckpointMismatch(f"{self.ckpt_path}: {e}; delete {self.out_dir} to start this run "
+                                         "afresh") from None
+            learner.load_state_dict(state["learner"])
+            self.start = self.resumed_from = int(state["step"])
+            self.run_log.truncate_after(self.start)
+            self.run_log.write({"event": "resume", "step": self.start})
+            say(f"resumed from step {self.start} ({self.ckpt_path})")
+        else:
+            self.run_log.truncate_after(-1)  # no checkpoint: any old log belongs to no run
+        self.last: dict[str, float] = {}
+
+    def needs_state(self, done: int) -> bool:
+        """Whether :meth:`record` after ``done`` steps reads the learner's weights (validation, checkpoint)."""
+        cfg = self.cfg
+        return bool((cfg.validate_every and done % cfg.validate_every == 0 and self.learner.can_validate(done))
+                    or done % cfg.checkpoint_every == 0 or done == cfg.steps)
+
+    def record(self, step: int, metrics: Mapping[str, float]) -> None:
+        """After ``train_step(step)`` returned ``metrics``: log, validate and checkpoint as due."""
+        cfg, learner = self.cfg, self.learner
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            self.last = {k: float(v) for k, v in metrics.items()}
+            if learner.multiplier is not None:
+                self.last.setdefault(Metric.NU, float(learner.multiplier.value))
+            self.run_log.write({"step": done, **self.last})
+        if cfg.validate_every and done % cfg.validate_every == 0 and learner.can_validate(done):
+            self.run_log.write({"step": done, "event": "validation", **validate(learner, done)})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _save_checkpoint(self.ckpt_path, {"format": CHECKPOINT_FORMAT, "method": learner.method,
+                                              "config": _config_dict(cfg), "step": done,
+                                              "learner": learner.state_dict()})
+
+    def finish(self) -> dict[str, Any]:
+        if self.start >= self.cfg.steps:  # already complete: the last logged metrics
+            rows = [r for r in self.run_log.rows() if "event" not in r]
+            self.last = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+        return {"steps": self.cfg.steps, "resumed_from": self.resumed_from, "last": self.last,
+                "log": str(self.run_log.path), "checkpoint": str(self.ckpt_path)}
 
 
 def run_learner(learner: Learner, out_dir: str | Path, *, log: Callable[[str], None] | None = None
@@ -288,68 +396,44 @@ def run_learner(learner: Learner, out_dir: str | Path, *, log: Callable[[str], N
 
     Returns ``{"steps", "resumed_from", "last": last logged metrics, "log": path, "checkpoint": path}``.
     """
-    cfg = learner.config
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.pt"
-    run_log = RunLog(out_dir / "log.jsonl")
-    say = log or (lambda s: None)
-    start, resumed_from = 0, None
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        try:
-            _check_checkpoint(state, learner.method, cfg)
-        except CheckpointMismatch as e:
-            raise CheckpointMismatch(f"{ckpt_path}: {e}; delete {out_dir} to start this run afresh") from None
-        learner.load_state_dict(state["learner"])
-        start = resumed_from = int(state["step"])
-        run_log.truncate_after(start)
-        run_log.write({"event": "resume", "step": start})
-        say(f"resumed from step {start} ({ckpt_path})")
-    else:
-        run_log.truncate_after(-1)  # no checkpoint: any old log belongs to no run
-
-    def checkpoint(step: int) -> None:
-        _save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "method": learner.method,
-                                     "config": _config_dict(cfg), "step": step, "learner": learner.state_dict()})
-
-    last: dict[str, float] = {}
-    for step in range(start, cfg.steps):
-        metrics = learner.train_step(step)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            last = {k: float(v) for k, v in metrics.items()}
-            if learner.multiplier is not None:
-                last.setdefault(Metric.NU, float(learner.multiplier.value))
-            run_log.write({"step": done, **last})
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint(done)
-    if start >= cfg.steps:  # already complete: the last logged metrics
-        rows = [r for r in run_log.rows() if "event" not in r]
-        last = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
-    return {"steps": cfg.steps, "resumed_from": resumed_from, "last": last, "log": str(run_log.path),
-            "checkpoint": str(ckpt_path)}
+    run = LearnerRun(learner, out_dir, log=log)
+    for step in range(run.start, learner.config.steps):
+        run.record(step, learner.train_step(step))
+    return run.finish()
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_downstream(policy: GoalConditionedPolicy, ds: Dataset, config: LearnerConfig, seed: int
-                        ) -> dict[str, Any]:
+def validate(learner: Learner, step: int) -> dict[str, float]:
+    """One validation of ``learner.policy()`` (module docstring): the ``eval/...`` means over its goals."""
+    cfg = learner.config
+    goals = validation_goals(learner.spec, cfg.validate_goals, cfg.eval_goals)
+    res = evaluate_downstream(learner.policy(), learner.ds, cfg, learner.seed + VALIDATION_SEED_OFFSET, goals=goals,
+                              episodes=cfg.validate_episodes)
+    return {k: v for k, v in res["metrics"].items() if k != "eval/horizon"}
+
+
+def evaluate_downstream(policy: GoalConditionedPolicy, ds: Dataset, config: LearnerConfig, seed: int, *,
+                        goals: np.ndarray | None = None, episodes: int | None = None) -> dict[str, Any]:
     """Evaluate a goal-conditioned policy on the held-out downstream goals (module docstring).
 
+    ``goals`` (G, goal_dim) and ``episodes`` per goal default to ``eval_goals(spec,
+    config.eval_goals)`` and ``config.eval_episodes`` (validation passes its own).
     Returns ``{"metrics": {eval/...: mean over goals}, "per_goal": [{goal, return_mean,
     cost_mean, normalized_reward, normalized_cost, reward_ref}]}``; the normalised values are
     DSRL's (reward min-max against the dataset's episodes, cost ÷ kappa).
     """
     spec = ds.spec
     horizon = int(ds.meta["max_episode_steps"])
+    goals = eval_goals(spec, config.eval_goals) if goals is None else goals
+    episodes = config.eval_episodes if episodes is None else int(episodes)
     policy.eval()
     per_goal = []
-    for goal in eval_goals(spec, config.eval_goals):
+    for goal in goals:
         ref = reward_reference(ds, goal)
         res = evaluate_policy(lambda obs, g=goal: policy.act(obs, g), spec.name, goal,
-                              episodes=config.eval_episodes, seed=seed, n_envs=config.eval_n_envs,
+                              episodes=episodes, seed=seed, n_envs=config.eval_n_envs,
                               reward_ref=ref, max_episode_steps=horizon)
         per_goal.append({"goal": goal.tolist(), "return_mean": float(res.returns.mean()),
                          "cost_mean": float(res.costs.mean()), "normalized_reward": res.normalized_reward,
@@ -362,7 +446,7 @@ def evaluate_downstream(policy: GoalConditionedPolicy, ds: Dataset, config: Lear
     metrics = {"eval/return_mean": mean("return_mean"), "eval/cost_mean": mean("cost_mean"),
                Metric.EVAL_NORMALIZED_REWARD: mean("normalized_reward"),
                Metric.EVAL_NORMALIZED_COST: mean("normalized_cost"),
-               "eval/goals": len(per_goal), "eval/episodes_per_goal": config.eval_episodes,
+               "eval/goals": len(per_goal), "eval/episodes_per_goal": episodes,
                "eval/horizon": horizon}
     if not all(math.isfinite(v) for v in (metrics["eval/return_mean"], metrics["eval/cost_mean"])):
         raise ValueError(f"{spec.name}: evaluation produced a non-finite return or cost")

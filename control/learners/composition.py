@@ -144,10 +144,11 @@ def latent_config_for(cls, scale: str, phases: dict[str, dict[str, Any]], **kw):
                     checkpoint_every=10)
     elif scale == "small":
         base = dict(batch_size=4, hidden=256, encoder_hidden=64, n_query_sets=2_000, rl_batch_size=256,
-                    eval_goals=8, eval_episodes=2, log_every=200, checkpoint_every=2_000)
+                    eval_goals=8, eval_episodes=2, log_every=200, checkpoint_every=2_000, validate_every=1_000)
     elif scale == "paper":
         base = dict(batch_size=6, hidden=256, encoder_hidden=128, n_query_sets=5_000, rl_batch_size=256,
-                    eval_goals=38, eval_episodes=10, eval_n_envs=4, log_every=1_000, checkpoint_every=10_000)
+                    eval_goals=38, eval_episodes=10, eval_n_envs=4, log_every=1_000, checkpoint_every=10_000,
+                    validate_every=5_000)
     else:
         raise ValueError(f"unknown scale {scale!r}; valid scales: smoke, small, paper")
     base.update(phases[scale])
@@ -462,6 +463,11 @@ class LatentLearner(Learner):
 
     def policy(self) -> ComposedPolicy:
         return self.stage2.policy()
+
+    def can_validate(self, step: int) -> bool:
+        """Only in stage 2: before it the composed policy's high level is untrained and the eps labels
+        (computed once, from the frozen encoder) would be made from an encoder still learning."""
+        return step > self.config.stage2_start
 
     def heldout_info(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

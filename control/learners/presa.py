@@ -74,11 +74,11 @@ def config_for(task: str, scale: str, **kw) -> PresaLearnerConfig:
     elif scale == "small":
         base = dict(steps=10_000, bc_warmup_steps=3_000, batch_size=64, hidden=256, n_pairs=5_000,
                     segment_length=16 if task == "reach" else 64, eval_goals=8, eval_episodes=2,
-                    log_every=100, checkpoint_every=1_000)
+                    log_every=100, checkpoint_every=1_000, validate_every=500)
     elif scale == "paper":
         base = dict(steps=100_000, bc_warmup_steps=30_000, batch_size=96, hidden=256, n_pairs=20_000,
                     segment_length=16 if task == "reach" else 64, eval_goals=38, eval_episodes=10, eval_n_envs=4,
-                    log_every=500, checkpoint_every=5_000)
+                    log_every=500, checkpoint_every=5_000, validate_every=5_000)
     else:
         raise ValueError(f"unknown scale {scale!r}; valid scales: smoke, small, paper")
     base.update(kw)
@@ -151,16 +151,48 @@ class PresaLearner(Learner):
         seg = gather_segments(self.ds, starts, self.config.segment_length)  # (B, L, .)
         return policy_segment_logps(lambda obs: net(obs, goals), seg)  # (B,)
 
+    def sample_batch(self) -> tuple[np.ndarray, torch.Tensor]:
+        """A step's minibatch: pair indices (B,) from this learner's ``rng`` and their goals (B, 1, goal_dim)."""
+        idx = self.rng.integers(len(self.feedback[CHOSEN]), size=self.config.batch_size)
+        return idx, torch.as_tensor(self.feedback["goal"][idx], dtype=torch.float32)[:, None, :]
+
+    def bc_loss(self, s_c: torch.Tensor, s_r: torch.Tensor) -> torch.Tensor:
+        """BC warm-up: maximise S of both segments (unit variance: the per-step squared error); (B,) sums -> ()."""
+        return -(s_c + s_r).mean() / (2 * self.config.segment_length)
+
+    def preference_step_terms(self, s_c, s_r, r_c, r_r, idx: np.ndarray):
+        """The loss of a preference step from the (B,) sums of policy and reference, and its terms."""
+        fb = self.feedback
+        terms = self.objective(s_c, s_r, r_c, r_r, fb[CHOSEN_IS_SAFE][idx], fb[REJECTED_IS_SAFE][idx])
+        return (terms.loss if self.config.safety_term else terms.pref_losses.mean()), terms
+
+    def preference_step_metrics(self, loss, terms, s_c, s_r, r_c, r_r, idx: np.ndarray) -> dict[str, float]:
+        """After the optimiser step: the step's metrics, and nu's ascent step (PRESA) on the batch's mean p."""
+        fb = self.feedback
+        p = terms.safety_prob.detach()  # (2B,) over [chosen; rejected]
+        safe = torch.as_tensor(np.concatenate([fb[CHOSEN_IS_SAFE][idx], fb[REJECTED_IS_SAFE][idx]]))
+        metrics = {
+            Metric.LOSS: loss.item(),
+            Metric.PREFERENCE_LOSS: terms.pref_losses.mean().item(),
+            Metric.PROB_MEAN: p.mean().item(),
+            Metric.FRAC_SAFE: safe.float().mean().item(),
+            Metric.REWARDS_ACCURACY: ((s_c - r_c) > (s_r - r_r)).float().mean().item(),
+        }
+        if safe.any():  # a batch without safe (unsafe) segments has no such mean: the key is left out
+            metrics[Metric.PROB_SAFE] = p[safe].mean().item()
+        if (~safe).any():
+            metrics[Metric.PROB_UNSAFE] = p[~safe].mean().item()
+        if self.config.safety_term:
+            metrics[Metric.CONSTRAINT] = self.objective.multiplier.constraint(p.mean())
+            metrics[Metric.NU] = self.objective.update_multiplier(p)
+        return metrics
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg, fb = self.config, self.feedback
-        idx = self.rng.integers(len(fb[CHOSEN]), size=cfg.batch_size)
-        goals = torch.as_tensor(fb["goal"][idx], dtype=torch.float32)[:, None, :]  # (B, 1, goal_dim)
+        idx, goals = self.sample_batch()
         opt = self.optimizers["policy"]
         if step < cfg.bc_warmup_steps:
-            # BC warm-up: maximise S of both segments (unit variance: the per-step squared error).
-            s_c = self._sums(self.pi, fb[CHOSEN][idx], goals)
-            s_r = self._sums(self.pi, fb[REJECTED][idx], goals)
-            loss = -(s_c + s_r).mean() / (2 * cfg.segment_length)
+            loss = self.bc_loss(self._sums(self.pi, fb[CHOSEN][idx], goals), self._sums(self.pi, fb[REJECTED][idx], goals))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -174,26 +206,8 @@ class PresaLearner(Learner):
         with torch.no_grad():
             r_c = self._sums(self.pi_ref, fb[CHOSEN][idx], goals)
             r_r = self._sums(self.pi_ref, fb[REJECTED][idx], goals)
-        is_c, is_r = fb[CHOSEN_IS_SAFE][idx], fb[REJECTED_IS_SAFE][idx]
-        terms = self.objective(s_c, s_r, r_c, r_r, is_c, is_r)
-        loss = terms.loss if cfg.safety_term else terms.pref_losses.mean()
+        loss, terms = self.preference_step_terms(s_c, s_r, r_c, r_r, idx)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        p = terms.safety_prob.detach()  # (2B,) over [chosen; rejected]
-        safe = torch.as_tensor(np.concatenate([is_c, is_r]))
-        metrics = {
-            Metric.LOSS: loss.item(),
-            Metric.PREFERENCE_LOSS: terms.pref_losses.mean().item(),
-            Metric.PROB_MEAN: p.mean().item(),
-            Metric.FRAC_SAFE: safe.float().mean().item(),
-            Metric.REWARDS_ACCURACY: ((s_c - r_c) > (s_r - r_r)).float().mean().item(),
-        }
-        if safe.any():  # a batch without safe (unsafe) segments has no such mean: the key is left out
-            metrics[Metric.PROB_SAFE] = p[safe].mean().item()
-        if (~safe).any():
-            metrics[Metric.PROB_UNSAFE] = p[~safe].mean().item()
-        if cfg.safety_term:
-            metrics[Metric.CONSTRAINT] = self.objective.multiplier.constraint(p.mean())
-            metrics[Metric.NU] = self.objective.update_multiplier(p)
-        return metrics
+        return self.preference_step_metrics(loss, terms, s_c, s_r, r_c, r_r, idx)

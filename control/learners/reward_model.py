@@ -13,6 +13,12 @@ Design decisions:
   (task, seed) in a suite and shared by the three RC weights. The artefact is
   ``reward_per_row.npy`` (N,) float32, ``r_hat`` of every dataset row, plus
   ``reward_model.json`` (config, held-out accuracy, the data it saw); RC reads only those.
+  :attr:`RewardModelLearner.output_files` names them, so the suite knows a finished artefact.
+- Preference imbalance (``user_weights``): how often each user labels a query set
+  (``CrowdFeedbackConfig.user_weights``). The suite's ``reward_model_imbalanced`` artefact
+  uses :func:`imbalanced_user_weights`: user 0 labels ``IMBALANCE_WEIGHT`` = 4 times as many
+  sets as each other user (the authors' 4,000 vs 1,000 of their language proof of concept),
+  the one setting of every ``_imbalanced`` arm (RC(0.5), Safe-CPL, Safe-VPL).
 """
 
 from __future__ import annotations
@@ -29,15 +35,23 @@ from control.data import Dataset
 from control.feedback import default_crowd_config, gather_segments, make_crowd_feedback
 from control.learners.base import Learner, LearnerConfig, dataset_obs_stats
 from control.policies import mlp
+from control.tasks import get_spec
 from llm_safepref.core.losses import bradley_terry_loss
 from llm_safepref.core.provenance import write_json
-from llm_safepref.core.schema import CHOSEN, REJECTED, Metric
+from llm_safepref.core.schema import CHOSEN, REJECTED, USER_ID, Metric
 
 __all__ = ["RewardModelConfig", "RewardNet", "RewardModelLearner", "config_for", "ARTEFACT_FILE", "META_FILE",
-           "load_reward_artefact"]
+           "load_reward_artefact", "IMBALANCE_WEIGHT", "imbalanced_user_weights"]
 
 ARTEFACT_FILE = "reward_per_row.npy"
 META_FILE = "reward_model.json"
+#: The imbalance arms' majority: user 0 labels this many times as many query sets as each other user.
+IMBALANCE_WEIGHT = 4.0
+
+
+def imbalanced_user_weights(task: str) -> list[float]:
+    """``[IMBALANCE_WEIGHT, 1, ..., 1]`` over the task's users: the one imbalance setting of the suite."""
+    return [IMBALANCE_WEIGHT] + [1.0] * (get_spec(task).n_users - 1)
 
 
 @dataclass
@@ -53,9 +67,14 @@ class RewardModelConfig(LearnerConfig):
     feedback_beta: float | None = field(default=None, metadata={"help": "Boltzmann rationality of the crowd; None = "
                                                                         "argmax labels."})
     heldout_fraction: float = field(default=0.1, metadata={"help": "Fraction of query sets held out for accuracy."})
+    user_weights: list[float] | None = field(default=None, metadata={"help": "Relative frequency of each user "
+                                                                             "(preference imbalance); None = "
+                                                                             "uniform."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.user_weights is not None:
+            self.user_weights = [float(w) for w in self.user_weights]
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
@@ -91,6 +110,8 @@ class RewardNet(nn.Module):
 
 class RewardModelLearner(Learner):
     method = "reward_model"
+    #: What :meth:`finalize` writes into the artefact folder (the suite checks them all).
+    output_files = (ARTEFACT_FILE, META_FILE)
 
     def __init__(self, config: RewardModelConfig, ds: Dataset, seed: int):
         super().__init__(config, ds, seed)
@@ -98,7 +119,8 @@ class RewardModelLearner(Learner):
                 if v is not None}
         self.crowd_config = default_crowd_config(ds.spec.name, n_query_sets=config.n_query_sets,
                                                  label_noise=config.label_noise, beta=config.feedback_beta,
-                                                 seed=seed, **over)
+                                                 user_weights=None if config.user_weights is None
+                                                 else tuple(config.user_weights), seed=seed, **over)
         self.feedback = make_crowd_feedback(ds, self.crowd_config)
         n_sets = self.crowd_config.n_query_sets
         held = np.random.default_rng(seed + 1).permutation(n_sets)[: max(1, int(round(config.heldout_fraction * n_sets)))]
@@ -115,6 +137,9 @@ class RewardModelLearner(Learner):
     @property
     def segment_length(self) -> int:
         return self.crowd_config.segment_length
+
+    def can_validate(self, step: int) -> bool:
+        return False  # a reward model has no policy to roll out
 
     def segment_rewards(self, starts: np.ndarray) -> torch.Tensor:
         """(B,) ``sum_t r_hat(s_t, a_t)`` over the segments starting at ``starts``."""
@@ -152,9 +177,14 @@ class RewardModelLearner(Learner):
         tmp = out_dir / (ARTEFACT_FILE + ".tmp.npy")
         np.save(tmp, per_row)
         tmp.replace(out_dir / ARTEFACT_FILE)
+        users = np.bincount(self.feedback[USER_ID][:: self.crowd_config.set_size], minlength=self.spec.n_users)
         meta = {"kind": "reward_model", "task": self.spec.name, "seed": self.seed, "n_rows": int(self.ds.n),
-                "crowd_config": {k: getattr(self.crowd_config, k) for k in
-                                 ("n_query_sets", "set_size", "segment_length", "penalty", "beta", "label_noise")},
+                "crowd_config": {**{k: getattr(self.crowd_config, k) for k in
+                                    ("n_query_sets", "set_size", "segment_length", "penalty", "beta",
+                                     "label_noise")},
+                                 "user_weights": None if self.crowd_config.user_weights is None
+                                 else list(self.crowd_config.user_weights)},
+                "sets_per_user": users.tolist(),
                 "n_train_pairs": int(len(self.train_pairs)), "n_heldout_pairs": int(len(self.heldout_pairs)),
                 "heldout_accuracy": None if correct is None else float(correct.mean()),
                 "heldout_loss": None if losses is None else float(losses.mean())}

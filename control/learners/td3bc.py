@@ -64,10 +64,10 @@ def config_for(task: str, scale: str, cls=TD3BCConfig, **kw):
                     checkpoint_every=10)
     elif scale == "small":
         base = dict(steps=20_000, batch_size=256, hidden=256, eval_goals=8, eval_episodes=2, log_every=200,
-                    checkpoint_every=2_000)
+                    checkpoint_every=2_000, validate_every=1_000)
     elif scale == "paper":
         base = dict(steps=100_000, batch_size=256, hidden=256, eval_goals=38, eval_episodes=10, eval_n_envs=4,
-                    log_every=1_000, checkpoint_every=10_000)
+                    log_every=1_000, checkpoint_every=10_000, validate_every=5_000)
     else:
         raise ValueError(f"unknown scale {scale!r}; valid scales: smoke, small, paper")
     base.update(kw)

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from control.feedback import segment_sums
-from control.learners import (METHODS, CheckpointMismatch, apply_overrides, default_config, train, train_artefact)
+from control.learners import (ARTEFACTS, METHODS, CheckpointMismatch, apply_overrides, artefact_files, default_config,
+                              train, train_artefact)
 from control.learners.base import eval_goals, run_learner
 from control.learners.bc_safe import safe_rows
 from control.learners.presa import PresaLearner
 from control.learners.rc import RCLearner, task_reward_std
-from control.learners.reward_model import RewardModelLearner
+from control.learners.reward_model import RewardModelLearner, imbalanced_user_weights
 from control.learners.td3bc_lag import discounted_budget
 from control.tasks import get_spec
 from llm_safepref.core.schema import Metric
@@ -172,21 +173,53 @@ def test_presa_reference_is_the_bc_policy_and_nu_moves_by_the_core_rule(smoke_da
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(smoke_dataset, control_data_dir, tmp_path_factory):
+def artefact_dirs(smoke_dataset, control_data_dir, tmp_path_factory):
+    """Every artefact of ``ARTEFACTS`` trained once on the smoke Run data: kind -> folder."""
     smoke_dataset("run")
-    out = tmp_path_factory.mktemp("rm")
-    rec = train_artefact("reward_model", "run", 0, "smoke", out, data_dir=str(control_data_dir))
-    assert rec["info"]["n_rows"] == smoke_dataset("run").n
-    assert (out / "reward_per_row.npy").exists() and rec["metrics"]["heldout/accuracy"] is not None
-    return out
+    dirs = {}
+    for kind in ARTEFACTS:
+        out = tmp_path_factory.mktemp(kind)
+        rec = train_artefact(kind, "run", 0, "smoke", out, data_dir=str(control_data_dir),
+                             artefacts={k: str(dirs[k]) for k in ARTEFACTS[kind].requires})
+        assert rec["info"]["n_rows"] == smoke_dataset("run").n
+        assert rec["files"] == list(artefact_files(kind))
+        assert all((out / name).exists() for name in artefact_files(kind))
+        assert rec["metrics"]["heldout/accuracy"] is not None
+        dirs[kind] = out
+    return dirs
+
+
+def test_the_imbalanced_reward_model_sees_an_imbalanced_crowd(artefact_dirs):
+    balanced = json.loads((artefact_dirs["reward_model"] / "reward_model.json").read_text())
+    imbalanced = json.loads((artefact_dirs["reward_model_imbalanced"] / "reward_model.json").read_text())
+    assert balanced["crowd_config"]["user_weights"] is None
+    assert imbalanced["crowd_config"]["user_weights"] == [4.0, 1.0]  # Run's two users, user 0 four times as often
+    n = imbalanced["sets_per_user"]
+    assert sum(n) == 20 and n[0] > n[1]  # 20 smoke query sets, drawn 4 : 1
+    assert sum(balanced["sets_per_user"]) == 20
+    r_b = np.load(artefact_dirs["reward_model"] / "reward_per_row.npy")
+    r_i = np.load(artefact_dirs["reward_model_imbalanced"] / "reward_per_row.npy")
+    assert r_b.shape == r_i.shape and not np.array_equal(r_b, r_i)
+
+
+def test_the_imbalance_arms_share_one_setting():
+    assert imbalanced_user_weights("run") == [4.0, 1.0] and imbalanced_user_weights("ant_vel") == [4.0, 1, 1, 1]
+    for task in ("run", "ant_vel"):
+        for method in ("safe_cpl_imbalanced", "safe_vpl_imbalanced"):
+            assert default_config(method, task, "smoke").user_weights == imbalanced_user_weights(task)
+        assert default_config("reward_model_imbalanced", task, "smoke").user_weights == imbalanced_user_weights(task)
+        assert default_config("safe_cpl", task, "smoke").user_weights is None
+    assert METHODS["rc_0.5_imbalanced"].requires == ("reward_model_imbalanced",)
+    assert ARTEFACTS["reward_model_imbalanced"].provides == "reward_model"  # it reaches RC as reward_model=
+    assert default_config("rc_0.5_imbalanced", "run", "smoke").weight == 0.5
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_logs_checkpoints_and_evaluates(method, smoke_dataset, control_data_dir,
-                                                            reward_model_dir, tmp_path):
+                                                            artefact_dirs, tmp_path):
     smoke_dataset("run")
     spec = METHODS[method]
-    artefacts = {"reward_model": str(reward_model_dir)} if spec.requires else None
+    artefacts = {kind: str(artefact_dirs[kind]) for kind in spec.requires} or None
     res = train("run", method, 1, "smoke", tmp_path, data_dir=str(control_data_dir), artefacts=artefacts)
     m = res["metrics"]
     assert res["train"]["resumed_from"] is None and res["train"]["steps"] == res["config"]["steps"]

@@ -9,6 +9,7 @@
   empty seed list, bad shard, unknown override, corrupted run file (named, redone).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from control.__main__ import main
-from control.learners import METHODS
+from control.learners import ARTEFACTS, METHODS
 from control.suite import (RUN_FORMAT, TABLE_FIELDS, SuiteError, aggregate, parse_shard, plan_jobs,
                            read_run_file, run_suite, shard_jobs)
 from llm_safepref.core.provenance import write_json
@@ -65,6 +66,28 @@ def test_plan_puts_artefacts_first_and_shards_whole_groups():
             parse_shard(bad)
 
 
+def test_plan_orders_artefacts_that_need_artefacts_and_plans_each_once(monkeypatch):
+    # A registry entry whose artefact needs another one (the planner's graph; both RC reward models are real).
+    base = ARTEFACTS["reward_model"]
+    monkeypatch.setitem(ARTEFACTS, "encoder", dataclasses.replace(base, name="encoder", requires=("reward_model",)))
+    monkeypatch.setitem(METHODS, "needs_encoder", dataclasses.replace(METHODS["rc_0.5"], name="needs_encoder",
+                                                                      requires=("encoder", "reward_model")))
+    jobs = plan_jobs(["run"], ["needs_encoder", "rc_0.25", "rc_0.5_imbalanced", "rc_0.25"], [3])
+    assert [j.key for j in jobs] == ["run__reward_model__seed3", "run__encoder__seed3",
+                                     "run__reward_model_imbalanced__seed3", "run__needs_encoder__seed3",
+                                     "run__rc_0.25__seed3", "run__rc_0.5_imbalanced__seed3"]
+    by = {j.key: j for j in jobs}
+    assert by["run__encoder__seed3"].deps == ("run__reward_model__seed3",)
+    assert by["run__needs_encoder__seed3"].deps == ("run__encoder__seed3", "run__reward_model__seed3")
+    assert by["run__rc_0.5_imbalanced__seed3"].deps == ("run__reward_model_imbalanced__seed3",)
+    for k, job in enumerate(jobs):  # every dependency comes earlier
+        assert all(d in [j.key for j in jobs[:k]] for d in job.deps)
+    monkeypatch.setitem(ARTEFACTS, "reward_model", dataclasses.replace(base, requires=("encoder",)))
+    with pytest.raises(SuiteError, match="artefact dependency cycle: needs_encoder -> encoder -> reward_model "
+                                         "-> encoder"):
+        plan_jobs(["run"], ["needs_encoder"], [0])
+
+
 # --------------------------------------------------------------------------- every method
 
 
@@ -75,7 +98,11 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     args = _suite_args(out, work, control_data_dir, "--methods", *METHODS, "--seeds", "0", "--aggregate")
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert f"{len(METHODS) + 1} jobs (0 done already)" in printed
+    plan = plan_jobs(["run"], list(METHODS), [0])
+    # One job per method plus the two reward models (balanced, imbalanced), each planned once.
+    assert len(plan) == len(METHODS) + 2 and [j.key for j in plan if j.kind == "artefact"] == \
+        ["run__reward_model__seed0", "run__reward_model_imbalanced__seed0"]
+    assert f"{len(plan)} jobs (0 done already)" in printed
     for method in METHODS:
         rec = read_run_file(out / "runs" / f"run__{method}__seed0.json")
         assert RUN_RECORD_KEYS <= set(rec) and rec["format"] == RUN_FORMAT
@@ -88,6 +115,13 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     assert {read_run_file(out / "runs" / f"run__rc_{w}__seed0.json")["artefacts"]["reward_model"]
             for w in ("0.25", "0.5", "0.75")} == {str(rm)}
     assert json.loads((out / "artefacts" / "run__reward_model__seed0.json").read_text())["kind"] == "reward_model"
+    # The imbalance arm of RC reads its own, imbalanced reward model; the table lists the arms by name.
+    imb = read_run_file(out / "runs" / "run__rc_0.5_imbalanced__seed0.json")
+    assert imb["artefacts"] == {"reward_model_imbalanced": str(work / "artefacts" /
+                                                               "run__reward_model_imbalanced__seed0")}
+    assert imb["info"]["reward_model"]["crowd_config"]["user_weights"] == [4.0, 1.0]
+    for arm in ("safe_cpl_imbalanced", "safe_vpl_imbalanced"):
+        assert read_run_file(out / "runs" / f"run__{arm}__seed0.json")["config"]["user_weights"] == [4.0, 1.0]
     # Nothing of the work (checkpoints, logs) lies in the results folder.
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.jsonl"))
     table = json.loads((out / "table.json").read_text())
@@ -100,7 +134,7 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     assert "| run | presa |" in md and "| average | td3bc_lag |" in md
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert main(args) == 0
-    assert f"{len(METHODS) + 1} jobs ({len(METHODS) + 1} done already)" in capsys.readouterr().out
+    assert f"{len(plan)} jobs ({len(plan)} done already)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == mtimes
 
 
@@ -227,7 +261,7 @@ def test_bad_input_is_an_error_that_says_what_to_do(smoke_dataset, control_data_
         error("--tasks", "run", "--methods", "ppo")
     assert "empty seed list" in error("--tasks", "run", "--methods", "presa", "--seeds")
     assert "--shard i/n needs" in error("--tasks", "run", "--methods", "presa", "--shard", "3/2")
-    assert "no config of presa, reward_model has a field 'stepz'" in \
+    assert "no config of presa, reward_model, reward_model_imbalanced has a field 'stepz'" in \
         error("--tasks", "run", "--methods", "presa", "--set", "stepz=3")
     empty = tmp_path / "no_data"
     err = error("--tasks", "run", "circle", "--methods", "presa", "--data_dir", str(empty))
