@@ -19,6 +19,8 @@ rc_<w>     TD3+BC on (1 - w) r_task + w r_hat, one Bradley–Terry r_hat of the 
 td3bc_lag  TD3+BC with a cost critic and a (PID) Lagrange multiplier on E[C] <= kappa (``td3bc_lag``)
 safe_cpl   Safe-CPL: latent-user CPL on the crowd (encoder trained jointly), then stage 2 (``safe_cpl``)
 safe_vpl   Safe-VPL: VAE reward model of the crowd, z-conditioned TD3+BC, then stage 2 (``safe_vpl``)
+safe_*_    ``safe_cpl_shared`` / ``safe_vpl_shared``: the same with the authors' shared encoder: the
+shared     ``latent_encoder`` artefact (Safe-VPL's VAE reward model, once per (task, seed)), frozen
 ========== ====================================================================================
 
 Imbalance arms (``<method>_imbalanced``: ``rc_0.5_imbalanced``, ``safe_cpl_imbalanced``,
@@ -101,6 +103,15 @@ METHODS: dict[str, MethodSpec] = {
                            "Safe-VPL: VAE reward model, z-conditioned TD3+BC, then composition (stage 2)"),
 }
 
+METHODS.update({
+    "safe_cpl_shared": MethodSpec("safe_cpl_shared", safe_cpl.SafeCPLLearner, safe_cpl.config_for,
+                                  "Safe-CPL the authors' way: encoder + prior frozen from Safe-VPL's reward model",
+                                  defaults=(("shared_encoder", True),), requires=("latent_encoder",)),
+    "safe_vpl_shared": MethodSpec("safe_vpl_shared", safe_vpl.SafeVPLLearner, safe_vpl.shared_config_for,
+                                  "Safe-VPL continuing from the shared latent_encoder artefact (its phase 1)",
+                                  requires=("latent_encoder",)),
+})
+
 _IMBALANCED = lambda task: {"user_weights": reward_model.imbalanced_user_weights(task)}  # noqa: E731
 
 #: The imbalance arms: ``<base method>_imbalanced`` (the issue's scope: RC(0.5), Safe-CPL, Safe-VPL).
@@ -124,6 +135,9 @@ ARTEFACTS: dict[str, MethodSpec] = {
         "reward_model_imbalanced", reward_model.RewardModelLearner, reward_model.config_for,
         "Bradley-Terry reward model on an imbalanced crowd's pooled preferences (user 0 labels 4x as often)",
         task_defaults=_IMBALANCED, provides="reward_model"),
+    "latent_encoder": MethodSpec("latent_encoder", safe_vpl.LatentEncoderLearner, safe_vpl.encoder_config_for,
+                                 "Safe-VPL's VAE reward model (encoder, prior, r(s, a, z)), shared by the _shared "
+                                 "latent methods"),
 }
 
 

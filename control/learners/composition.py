@@ -40,6 +40,14 @@ Design decisions:
   ``a = pi_low(s, z(eps(s, g)))`` (:class:`ComposedPolicy`, a ``GoalConditionedPolicy``
   look-alike) is evaluated by ``base.evaluate_downstream`` on the same held-out goals as
   Task-only, Oracle and RC; no user goal is among them.
+- **Shared encoder** (``shared_encoder=True``; the methods ``safe_cpl_shared`` and
+  ``safe_vpl_shared``): the authors' arrangement. Encoder, prior and ``r(s, a, z)`` are
+  Safe-VPL's VAE reward model trained *once* per (task, seed) as the ``latent_encoder``
+  artefact (``control.learners.safe_vpl.LatentEncoderLearner``) and loaded, frozen, by
+  :func:`load_latent_encoder`, which refuses an artefact whose crowd, latent or seed differ
+  from the run's (naming the fields). The artefact also keeps the random generators' states
+  at the end of its training, so a Safe-VPL run that continues from it computes exactly
+  what the self-contained ``safe_vpl`` run computes after its own phase 1.
 - **TD3+BC** (:func:`td3bc_update`) is ``control.learners.td3bc``'s machinery (``Critic``,
   ``twin_td_step``, ``polyak``) over any "goal" (a task goal, or a latent ``z``) and any action
   box: Safe-VPL's z-conditioned policy and both methods' stage 2 use it.
@@ -49,7 +57,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,11 +70,20 @@ from control.learners.base import (GoalConditionedPolicy, Learner, LearnerConfig
                                    goal_scale, train_goals)
 from control.learners.td3bc import Critic, polyak, twin_td_step
 from llm_safepref.core.latent import CyclicKLSchedule, GaussianPrior, PairSetEncoder, prior_penalty
+from llm_safepref.core.provenance import write_json
 from llm_safepref.core.schema import CHOSEN, REJECTED, USER_ID, Metric
 
 __all__ = ["LatentLearnerConfig", "SegmentFeaturizer", "CrowdContext", "latent_policy", "TD3BCNets",
            "td3bc_update", "ComposedPolicy", "Composition", "posterior_eps_labels", "LatentLearner",
-           "latent_config_for"]
+           "latent_config_for", "ENCODER_FILE", "ENCODER_META_FILE", "ENCODER_FORMAT", "ENCODER_FIELDS",
+           "save_latent_encoder", "load_latent_encoder"]
+
+ENCODER_FILE = "latent_encoder.pt"
+ENCODER_META_FILE = "latent_encoder.json"
+ENCODER_FORMAT = "control-latent-encoder-1"
+#: Config fields that make a latent-encoder artefact: a run that loads one must agree on all of them.
+ENCODER_FIELDS = ("latent_dim", "encoder_hidden", "learned_prior", "n_query_sets", "set_size", "segment_length",
+                  "label_noise", "feedback_beta", "user_weights", "heldout_fraction", "hidden", "layers")
 
 
 @dataclass
@@ -105,6 +123,12 @@ class LatentLearnerConfig(LearnerConfig):
     policy_delay: int = field(default=2, metadata={"help": "Critic steps per actor (and target) step."})
     penalty_weight: float = field(default=1.0, metadata={"help": "Stage 2's w in r_task - w ||eps||^2."})
     eps_bound: float = field(default=3.0, metadata={"help": "Stage 2's eps lies in [-bound, bound]^d."})
+    shared_encoder: bool = field(default=False, metadata={"help": "Load encoder, prior (and Safe-VPL's r(s, a, z)) "
+                                                                  "frozen from the latent_encoder artefact (the "
+                                                                  "authors' way) instead of training them here."})
+
+    #: Whether configs of this class end in stage 2 (the latent-encoder artefact's does not).
+    has_stage2: ClassVar[bool] = True
 
     def phase_steps(self) -> tuple[int, ...]:
         """Steps of the phases before stage 2 (Safe-VPL adds its policy phase)."""
@@ -123,7 +147,7 @@ class LatentLearnerConfig(LearnerConfig):
                 raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
         if self.encoder_hidden % 4:
             raise ValueError(f"encoder_hidden must be divisible by the encoder's 4 heads, got {self.encoder_hidden}")
-        if not self.stage2_start < self.steps:
+        if self.has_stage2 and not self.stage2_start < self.steps:
             raise ValueError(f"steps={self.steps} leaves no stage-2 step after the earlier phases' "
                              f"{self.stage2_start} ({' + '.join(map(str, self.phase_steps()))})")
         if self.kl_weight < 0 or self.kl_cycles < 0 or self.penalty_weight < 0 or self.eps_bound <= 0:
@@ -415,6 +439,47 @@ class Composition:
 
     def policy(self) -> ComposedPolicy:
         return ComposedPolicy(self.nets.actor, self.low, self.learner.prior, self.cfg.eps_bound)
+
+
+# --------------------------------------------------------------------------- the shared encoder artefact
+
+
+def _encoder_config(cfg: LatentLearnerConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ENCODER_FIELDS}
+
+
+def save_latent_encoder(out_dir: str | Path, learner: "LatentLearner", modules: dict[str, nn.Module],
+                        meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``ENCODER_FILE`` (weights of ``modules``, generator states, the encoder config) and its JSON."""
+    out_dir = Path(out_dir)
+    payload = {"format": ENCODER_FORMAT, "task": learner.spec.name, "seed": learner.seed,
+               "config": _encoder_config(learner.config), "modules": {k: m.state_dict() for k, m in modules.items()},
+               "numpy_rng": learner.rng.bit_generator.state, "torch_generator": learner.generator.get_state()}
+    tmp = out_dir / (ENCODER_FILE + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out_dir / ENCODER_FILE)
+    meta = {"kind": "latent_encoder", "task": learner.spec.name, "seed": learner.seed, "format": ENCODER_FORMAT,
+            "config": _encoder_config(learner.config), **meta}
+    write_json(out_dir / ENCODER_META_FILE, meta)
+    return meta
+
+
+def load_latent_encoder(folder: str | Path, learner: "LatentLearner", fields=ENCODER_FIELDS) -> dict[str, Any]:
+    """The artefact's payload, checked against ``learner`` (task, seed and ``fields`` of ``ENCODER_FIELDS``)."""
+    path = Path(folder) / ENCODER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no latent-encoder artefact {path}; a shared-encoder run needs the latent_encoder "
+                                "artefact trained first (the suite runs it before the runs that need it)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{path}: format {state.get('format')!r}, expected {ENCODER_FORMAT!r}")
+    want = {"task": learner.spec.name, "seed": learner.seed, **{k: getattr(learner.config, k) for k in fields}}
+    have = {"task": state.get("task"), "seed": state.get("seed"), **state.get("config", {})}
+    diff = [k for k in want if want[k] != have.get(k)]
+    if diff:
+        raise ValueError(f"{path} was trained for another run: " + ", ".join(
+            f"{k} (artefact {have.get(k)!r}, this run {want[k]!r})" for k in diff))
+    return state
 
 
 # --------------------------------------------------------------------------- the learners' base

@@ -20,6 +20,10 @@ Design decisions (the math: ``docs/methods.md``, "Safe-CPL / Safe-VPL"; the shar
   no artefact: the suite's job graph stays as it is (one artefact kind, RC's reward model).
   Nothing is trained twice: each (task, seed) has one Safe-CPL run, stage 1 and stage 2
   inside it, resumable at any step.
+- **Or the authors' way** (``shared_encoder=True``, method ``safe_cpl_shared``): encoder and
+  prior come frozen from the ``latent_encoder`` artefact (Safe-VPL's VAE reward model, trained
+  once per (task, seed) and shared with ``safe_vpl_shared``); stage 1 then trains ``pi_low``
+  alone by the same loss (the KL term is a constant of the frozen encoder, still logged).
 - **Labels by return**, not advantage: the crowd's pairs are ranked by the labelling user's
   segment return ``sum r_u - 10 sum c`` (``control.feedback``); CPL is derived for
   advantage-ranked (regret) labels, and the authors relabel by advantage. Returns need no
@@ -43,7 +47,8 @@ import torch
 
 from control.data import Dataset
 from control.feedback import gather_segments
-from control.learners.composition import LatentLearner, LatentLearnerConfig, latent_config_for, latent_policy
+from control.learners.composition import (ENCODER_FIELDS, LatentLearner, LatentLearnerConfig, latent_config_for,
+                                          latent_policy, load_latent_encoder)
 from control.objectives import safe_cpl_stage1_loss, sample_user_latent
 from control.policies import policy_segment_logps
 from llm_safepref.core.losses import cpl_loss
@@ -80,14 +85,33 @@ class SafeCPLLearner(LatentLearner):
 
     method = "safe_cpl"
 
-    def __init__(self, config: SafeCPLConfig, ds: Dataset, seed: int):
+    def __init__(self, config: SafeCPLConfig, ds: Dataset, seed: int, *, latent_encoder: str | None = None):
         super().__init__(config, ds, seed)
         self.pi_low = latent_policy(self.obs_dim, config.latent_dim, self.act_dim, config.hidden, config.layers,
                                     self.obs_mean, self.obs_std)
         self.modules = {"pi_low": self.pi_low}
-        self.optimizers = {"stage1": torch.optim.Adam([*self.pi_low.parameters(), *self.encoder.parameters(),
-                                                       *self.prior.parameters()], lr=config.lr)}
+        if config.shared_encoder != (latent_encoder is not None):
+            raise ValueError("shared_encoder=True needs the latent_encoder artefact (and only then is one given); "
+                             f"got shared_encoder={config.shared_encoder}, latent_encoder={latent_encoder!r}")
+        self.encoder_artefact = None
+        trained = [*self.pi_low.parameters(), *self.encoder.parameters(), *self.prior.parameters()]
+        if latent_encoder is not None:
+            # The reward net's width is no concern of Safe-CPL: only the encoder's and the crowd's fields must agree.
+            state = load_latent_encoder(latent_encoder, self,
+                                        fields=[f for f in ENCODER_FIELDS if f not in ("hidden", "layers")])
+            for name, module in (("encoder", self.encoder), ("prior", self.prior)):
+                module.load_state_dict(state["modules"][name])
+                module.requires_grad_(False)
+            trained = list(self.pi_low.parameters())
+            self.encoder_artefact = str(latent_encoder)
+        self.optimizers = {"stage1": torch.optim.Adam(trained, lr=config.lr)}
         self.finish_init(self.pi_low)
+
+    def info(self) -> dict:
+        out = super().info()
+        if self.encoder_artefact is not None:
+            out["latent_encoder"] = self.encoder_artefact
+        return out
 
     def pair_sums(self, sets: np.ndarray, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B K,) CPL sums of the chosen and rejected segments of ``sets`` (B,) under ``z`` (B, d)."""

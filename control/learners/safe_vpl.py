@@ -24,7 +24,13 @@ Safe-VPL"; the shared plumbing: ``control.learners.composition``):
   ``r(s, a, z)``; actor ``pi_low(a | s, z)``, critics ``Q(s, z, a)``.
 - The encoder, prior and reward model are this run's, trained once per (task, seed); no
   other method reads them (Safe-CPL trains its own encoder jointly: its module docstring
-  says why), so the suite needs no artefact for them.
+  says why), so the suite needs no artefact for them. The authors' arrangement is the option
+  ``shared_encoder=True`` (methods ``safe_vpl_shared`` / ``safe_cpl_shared``): phase 1 is then
+  the ``latent_encoder`` artefact (:class:`LatentEncoderLearner`: this learner stopped after
+  phase 1, its config :class:`LatentEncoderConfig` with ``steps = stage1_steps``), trained once
+  per (task, seed) and shared. A ``safe_vpl_shared`` run loads it (weights and the random
+  generators' states) and starts at phase 2, so it computes what ``safe_vpl`` computes after
+  its own phase 1, with ``stage1_steps`` fewer steps of its own.
 - **Stage 2** (the remaining steps): ``control.learners.composition.Composition`` over the
   phase-2 actor, with the phase-1 encoder's posterior eps labels.
 - Held-out check (``info()["stage1"]``): on the held-out query sets, with ``z = mu_q``, the
@@ -34,6 +40,8 @@ Safe-VPL"; the shared plumbing: ``control.learners.composition``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,14 +49,16 @@ import torch.nn as nn
 
 from control.data import Dataset
 from control.feedback import gather_segments
-from control.learners.composition import (LatentLearner, LatentLearnerConfig, TD3BCNets, latent_config_for,
-                                          latent_policy, td3bc_update)
+from control.learners.composition import (ENCODER_FILE, ENCODER_META_FILE, LatentLearner, LatentLearnerConfig,
+                                          TD3BCNets, latent_config_for, latent_policy, load_latent_encoder,
+                                          save_latent_encoder, td3bc_update)
 from control.policies import mlp
 from llm_safepref.core.latent import reparameterize
 from llm_safepref.core.losses import bradley_terry_loss
 from llm_safepref.core.schema import Metric
 
-__all__ = ["SafeVPLConfig", "LatentRewardNet", "SafeVPLLearner", "config_for", "STEPS"]
+__all__ = ["SafeVPLConfig", "LatentRewardNet", "SafeVPLLearner", "config_for", "STEPS", "shared_config_for",
+           "LatentEncoderConfig", "LatentEncoderLearner", "encoder_config_for"]
 
 #: Per scale: reward-model steps, policy steps and all steps (stage 2 = what is left).
 STEPS = {"smoke": dict(stage1_steps=20, policy_steps=20, steps=60),
@@ -64,7 +74,8 @@ class SafeVPLConfig(LatentLearnerConfig):
                                                             "(after the reward model, before stage 2)."})
 
     def phase_steps(self) -> tuple[int, ...]:
-        return (self.stage1_steps, self.policy_steps)
+        # Shared encoder: phase 1 is the latent_encoder artefact's, none of this run's steps.
+        return (0 if self.shared_encoder else self.stage1_steps, self.policy_steps)
 
     def __post_init__(self):
         if self.policy_steps < 1:
@@ -76,6 +87,34 @@ def config_for(task: str, scale: str, **kw) -> SafeVPLConfig:
     """smoke: seconds; small: RC's reward-model steps (5k), then 20k + 20k TD3+BC (the baselines');
     paper: 50k + 100k + 100k."""
     return latent_config_for(SafeVPLConfig, scale, STEPS, **kw)
+
+
+def shared_config_for(task: str, scale: str, **kw) -> SafeVPLConfig:
+    """``safe_vpl``'s config with ``shared_encoder=True`` and ``stage1_steps`` fewer steps (the artefact's)."""
+    base = config_for(task, scale)
+    kw.setdefault("steps", base.steps - base.stage1_steps)
+    return config_for(task, scale, shared_encoder=True, **kw)
+
+
+@dataclass
+class LatentEncoderConfig(SafeVPLConfig):
+    """The ``latent_encoder`` artefact: Safe-VPL's phase 1 alone; ``steps`` is always ``stage1_steps``."""
+
+    has_stage2: ClassVar[bool] = False
+
+    def phase_steps(self) -> tuple[int, ...]:
+        return (self.stage1_steps,)
+
+    def __post_init__(self):
+        self.steps = self.stage1_steps
+        if self.shared_encoder:
+            raise ValueError("the latent_encoder artefact trains the encoder: shared_encoder must be False")
+        super().__post_init__()
+
+
+def encoder_config_for(task: str, scale: str, **kw) -> LatentEncoderConfig:
+    """``safe_vpl``'s per-scale config, as the artefact's (so that the shared runs agree with it by default)."""
+    return latent_config_for(LatentEncoderConfig, scale, STEPS, **kw)
 
 
 class LatentRewardNet(nn.Module):
@@ -97,7 +136,7 @@ class SafeVPLLearner(LatentLearner):
 
     method = "safe_vpl"
 
-    def __init__(self, config: SafeVPLConfig, ds: Dataset, seed: int):
+    def __init__(self, config: SafeVPLConfig, ds: Dataset, seed: int, *, latent_encoder: str | None = None):
         super().__init__(config, ds, seed)
         d = config.latent_dim
         self.reward = LatentRewardNet(self.obs_dim, self.act_dim, d, config.hidden, config.layers, self.obs_mean,
@@ -111,6 +150,25 @@ class SafeVPLLearner(LatentLearner):
                            **self.low.optimizers()}
         self.not_done = 1.0 - ds["terminals"].astype(np.float64)
         self.finish_init(actor)
+        self.encoder_artefact = None
+        if config.shared_encoder != (latent_encoder is not None):
+            raise ValueError("shared_encoder=True needs the latent_encoder artefact (and only then is one given); "
+                             f"got shared_encoder={config.shared_encoder}, latent_encoder={latent_encoder!r}")
+        if latent_encoder is not None:
+            state = load_latent_encoder(latent_encoder, self)
+            for name in ("encoder", "prior", "reward"):
+                self.modules[name].load_state_dict(state["modules"][name])
+                self.modules[name].requires_grad_(False)
+            # Continue the artefact's random streams: the run then computes what safe_vpl computes after phase 1.
+            self.rng.bit_generator.state = state["numpy_rng"]
+            self.generator.set_state(state["torch_generator"])
+            self.encoder_artefact = str(latent_encoder)
+
+    def info(self) -> dict:
+        out = super().info()
+        if self.encoder_artefact is not None:
+            out["latent_encoder"] = self.encoder_artefact
+        return out
 
     # -- phase 1
     def segment_rewards(self, starts: np.ndarray, z: torch.Tensor) -> torch.Tensor:
@@ -178,3 +236,19 @@ class SafeVPLLearner(LatentLearner):
         r_c, r_r = self.pair_rewards(sets, mu)
         return {"heldout_accuracy": float((r_c > r_r).float().mean()),
                 "heldout_bt_loss": float(bradley_terry_loss(r_c, r_r).mean()), "heldout_pairs": int(len(r_c))}
+
+
+class LatentEncoderLearner(SafeVPLLearner):
+    """The ``latent_encoder`` artefact: Safe-VPL's phase 1 (encoder, prior, ``r(s, a, z)``), then :meth:`finalize`."""
+
+    method = "latent_encoder"
+    #: What :meth:`finalize` writes into the artefact folder (the suite checks them all).
+    output_files = (ENCODER_FILE, ENCODER_META_FILE)
+
+    def can_validate(self, step: int) -> bool:
+        return False  # no policy yet
+
+    def finalize(self, out_dir: str | Path) -> dict:
+        """Write the frozen encoder, prior and reward model with the generators' states; returns the JSON."""
+        return save_latent_encoder(out_dir, self, {k: self.modules[k] for k in ("encoder", "prior", "reward")},
+                                   {**self.heldout_info(), "crowd": self.crowd.info()})

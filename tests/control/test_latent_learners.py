@@ -9,6 +9,9 @@
 * A run that crashes midway (in Safe-VPL's policy phase, in Safe-CPL's stage 2) resumes from its
   checkpoint and ends exactly as the uninterrupted run.
 * The suite runs both (an imbalanced crowd through ``--set``); bad input names what is valid.
+* The authors' shared encoder (``safe_cpl_shared`` / ``safe_vpl_shared``): the ``latent_encoder``
+  artefact trained once; Safe-VPL continuing from it equals the self-contained run; Safe-CPL keeps
+  it frozen; a mismatching artefact is refused, naming the field.
 """
 
 import json
@@ -20,7 +23,7 @@ import torch
 
 from control.__main__ import main
 from control.feedback import valid_segment_starts
-from control.learners import METHODS, default_config, get_method, train
+from control.learners import METHODS, default_config, get_method, train, train_artefact
 from control.learners.base import evaluate_downstream, run_learner
 from control.learners.composition import ComposedPolicy
 from control.learners.safe_cpl import SafeCPLLearner
@@ -328,3 +331,72 @@ def test_bad_input_names_what_is_valid(smoke_dataset, control_data_dir, tmp_path
     ds = smoke_dataset("run")
     with pytest.raises(ValueError, match="user_weights must be 2 non-negative numbers"):
         SafeCPLLearner(default_config("safe_cpl", "run", "smoke", {"user_weights": "[1, 1, 1]"}), ds, 0)
+
+
+# --------------------------------------------------------------------------- the authors' shared encoder
+
+
+def test_safe_vpl_shared_continues_the_latent_encoder_artefact_exactly(smoke_dataset, control_data_dir, tmp_path):
+    smoke_dataset("run")
+    art = train_artefact("latent_encoder", "run", 0, "smoke", tmp_path / "enc", data_dir=str(control_data_dir))
+    assert art["files"] == ["latent_encoder.pt", "latent_encoder.json"] and art["train"]["steps"] == 20
+    assert 0.0 <= art["metrics"]["heldout/accuracy"] <= 1.0
+    own = train("run", "safe_vpl", 0, "smoke", tmp_path / "own", data_dir=str(control_data_dir))
+    shared = train("run", "safe_vpl_shared", 0, "smoke", tmp_path / "shared", data_dir=str(control_data_dir),
+                   artefacts={"latent_encoder": str(tmp_path / "enc")})
+    # Phase 1 is the artefact's: 20 fewer steps here, and the same numbers as the self-contained run after it.
+    assert shared["config"]["steps"] == own["config"]["steps"] - 20 and shared["info"]["steps"]["phases"] == [0, 20]
+    assert shared["per_goal"] == own["per_goal"] and shared["info"]["stage1"] == own["info"]["stage1"]
+    own_rows = [{**r, "step": r["step"] - 20} for r in _rows(tmp_path / "own" / "log.jsonl") if r["step"] > 20]
+    assert _rows(tmp_path / "shared" / "log.jsonl") == own_rows
+    assert shared["info"]["latent_encoder"] == str(tmp_path / "enc")
+    # The artefact's weights are the self-contained run's encoder, prior and reward model.
+    enc = torch.load(tmp_path / "enc" / "latent_encoder.pt", weights_only=False)["modules"]
+    ckpt = torch.load(tmp_path / "own" / "checkpoint.pt", weights_only=False)["learner"]["modules"]
+    for name in ("encoder", "prior", "reward"):
+        for k, v in enc[name].items():
+            torch.testing.assert_close(ckpt[name][k], v, rtol=0, atol=0)
+
+
+def test_safe_cpl_shared_freezes_the_encoder_and_trains_pi_low(smoke_dataset, control_data_dir, tmp_path):
+    ds = smoke_dataset("run")
+    train_artefact("latent_encoder", "run", 0, "smoke", tmp_path / "enc", data_dir=str(control_data_dir))
+    enc = torch.load(tmp_path / "enc" / "latent_encoder.pt", weights_only=False)["modules"]
+    cfg = default_config("safe_cpl_shared", "run", "smoke")
+    assert cfg.shared_encoder and get_method("safe_cpl_shared").requires == ("latent_encoder",)
+    learner = SafeCPLLearner(cfg, ds, 0, latent_encoder=str(tmp_path / "enc"))
+    pi0 = {k: v.clone() for k, v in learner.pi_low.state_dict().items()}
+    run_learner(learner, tmp_path / "run")
+    for name in ("encoder", "prior"):
+        for k, v in enc[name].items():
+            torch.testing.assert_close(learner.modules[name].state_dict()[k], v, rtol=0, atol=0)
+    assert any(not torch.equal(v, pi0[k]) for k, v in learner.pi_low.state_dict().items())
+    rows = _rows(tmp_path / "run" / "log.jsonl")
+    assert all(Metric.LATENT_KL in r for r in rows if r["step"] <= cfg.stage1_steps)
+    # Refused: another seed's artefact (named), a shared config without the artefact, an artefact without it.
+    with pytest.raises(ValueError, match=r"trained for another run: seed \(artefact 0, this run 1\)"):
+        SafeCPLLearner(cfg, ds, 1, latent_encoder=str(tmp_path / "enc"))
+    with pytest.raises(ValueError, match="shared_encoder=True needs the latent_encoder artefact"):
+        SafeCPLLearner(cfg, ds, 0)
+    with pytest.raises(ValueError, match="shared_encoder=True needs the latent_encoder artefact"):
+        SafeVPLLearner(default_config("safe_vpl", "run", "smoke"), ds, 0, latent_encoder=str(tmp_path / "enc"))
+    with pytest.raises(ValueError, match=r"set_size \(artefact 4, this run 5\)"):
+        SafeCPLLearner(default_config("safe_cpl_shared", "run", "smoke", {"set_size": "5"}), ds, 0,
+                       latent_encoder=str(tmp_path / "enc"))
+
+
+def test_the_suite_trains_the_shared_encoder_once_for_both_methods(smoke_dataset, control_data_dir, tmp_path,
+                                                                   capsys):
+    smoke_dataset("run")
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["suite", "--tasks", "run", "--scale", "smoke", "--out", str(out), "--work_dir", str(work),
+            "--data_dir", str(control_data_dir), "--methods", "safe_cpl_shared", "safe_vpl_shared", "--seeds", "0"]
+    assert main(args) == 0
+    assert "3 jobs (0 done already)" in capsys.readouterr().out  # one latent_encoder artefact, two runs
+    enc = str(work / "artefacts" / "run__latent_encoder__seed0")
+    for m in ("safe_cpl_shared", "safe_vpl_shared"):
+        assert read_run_file(out / "runs" / f"run__{m}__seed0.json")["artefacts"] == {"latent_encoder": enc}
+    assert json.loads((out / "artefacts" / "run__latent_encoder__seed0.json").read_text())["kind"] == "latent_encoder"
+    (work / "artefacts" / "run__latent_encoder__seed0" / "latent_encoder.pt").unlink()  # a declared file missing
+    assert main(args) == 0
+    assert "3 jobs (2 done already)" in capsys.readouterr().out  # the artefact is redone (from its checkpoint)
