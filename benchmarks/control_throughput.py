@@ -73,16 +73,21 @@ def time_steps(step_fn, first_step: int, n: int) -> float:
     return time.perf_counter() - t0
 
 
+#: Training steps per variant per round (a round of each variant takes about a second or more).
+STEPS_PER_ROUND = {"smoke": 40, "small": 8, "paper": 8}
+
+
 def bench_learner(args, ds, settings: str) -> dict:
     """Pairs per second, ensemble vs loop, for both phases of a PRESA / CPL run."""
-    warm = args.steps_per_round * args.rounds  # BC warm-up long enough for every BC round
+    per_round = args.steps_per_round or STEPS_PER_ROUND[settings]
+    warm = per_round * args.rounds  # BC warm-up long enough for every BC round
     cfg = default_config(args.method, args.task, settings,
-                         {"bc_warmup_steps": str(warm), "steps": str(warm + args.steps_per_round * args.rounds + 1)})
+                         {"bc_warmup_steps": str(warm), "steps": str(warm + per_round * args.rounds + 1)})
     cls = get_method(args.method).learner
     loop = [cls(cfg, ds, s) for s in args.seeds]
     members = [cls(cfg, ds, s) for s in args.seeds]
     ens = PresaEnsemble(members)
-    pairs = len(args.seeds) * cfg.batch_size * args.steps_per_round
+    pairs = len(args.seeds) * cfg.batch_size * per_round
 
     def loop_step(step):
         for ln in loop:
@@ -97,12 +102,12 @@ def bench_learner(args, ds, settings: str) -> dict:
         rates = {"ensemble": [], "loop": []}
         ratios = []
         for r in range(args.rounds):
-            first = start + r * args.steps_per_round
+            first = start + r * per_round
             order = ("ensemble", "loop") if r % 2 == 0 else ("loop", "ensemble")
             secs = {}
             for name in order:
                 fn = ens.train_step if name == "ensemble" else loop_step
-                secs[name] = time_steps(fn, first, args.steps_per_round)
+                secs[name] = time_steps(fn, first, per_round)
                 rates[name].append(pairs / secs[name])
             ratios.append(secs["loop"] / secs["ensemble"])
         out[phase] = {"pairs_per_second": {k: spread(v) for k, v in rates.items()},
@@ -110,7 +115,7 @@ def bench_learner(args, ds, settings: str) -> dict:
     ens.sync()
     out["config"] = {"hidden": cfg.hidden, "layers": cfg.layers, "batch_size": cfg.batch_size,
                      "segment_length": cfg.segment_length, "members": len(args.seeds),
-                     "steps_per_round": args.steps_per_round}
+                     "steps_per_round": per_round}
     return out
 
 
@@ -154,7 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=["small", "smoke"], choices=["smoke", "small", "paper"],
                    help="learner settings (per-scale config) to measure")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--steps_per_round", type=int, default=20, help="training steps per variant per round")
+    p.add_argument("--steps_per_round", type=int, default=None,
+                   help="training steps per variant per round (default: smoke 40, small and paper 8)")
     p.add_argument("--eval_goals", type=int, default=2, help="held-out goals per evaluation")
     p.add_argument("--eval_n_envs", type=int, default=4, help="lockstep envs (= episodes per goal)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")

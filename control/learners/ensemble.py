@@ -8,7 +8,10 @@ Design decisions:
   own Lagrange multiplier and its own run folder. Only the policy update is batched: the
   members' policy and reference weights are stacked (``torch.func.stack_module_state``,
   leading dim M) and the per-segment sums ``S = -sum_t ||mu(s_t, g) - a_t||^2`` of all members
-  come from one ``torch.func.vmap`` of ``functional_call`` over (M, B, L, .) segments.
+  come from one batched forward over (M, B, L, .) segments: each linear layer one
+  ``torch.baddbmm`` over the stacked weights (``torch.func.vmap`` of ``functional_call`` for a
+  network of other layer types; the first was 1.5x faster at smoke widths on one CPU thread,
+  where dispatch dominates).
 - The loss is the sum of the members' own losses, each computed by that member's own code
   (``PresaLearner.bc_loss`` / ``preference_step_terms``: the core's ``cpl_loss``,
   ``safety_prob`` and ``presa_lagrangian`` with its own nu); a member's weights get exactly its
@@ -67,6 +70,7 @@ class PresaEnsemble:
         self.config = first.config
         # A stateless copy of the architecture; functional_call runs it with each member's weights.
         self.template = copy.deepcopy(first.pi).to("meta")
+        self._plain_mlp = all(isinstance(x, (torch.nn.Linear, torch.nn.ReLU)) for x in self.template.net)
         self.params, self.buffers = stack_module_state([ln.pi for ln in learners])  # name -> (M, ...)
         self.ref_params, self.ref_buffers = stack_module_state([ln.pi_ref for ln in learners])
         self.opt = self._stacked_adam([ln.optimizers["policy"] for ln in learners])
@@ -102,17 +106,34 @@ class PresaEnsemble:
             opt.load_state_dict({"state": member, "param_groups": opt.state_dict()["param_groups"]})
 
     # -- the batched forward
+    def _forward(self, params, buffers, obs: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+        """Every member's ``GoalConditionedPolicy.forward`` at once: (M, B, L, obs_dim), (M, B, 1, g) -> (M, B, L, A).
+
+        Stacked weights: each ``nn.Linear`` of the MLP is one ``baddbmm`` over the members (the
+        same math as the module, in one kernel call instead of M); any other layer type falls
+        back to ``vmap`` over ``functional_call``.
+        """
+        if not self._plain_mlp:
+            return vmap(lambda p, b, o, g: functional_call(self.template, (p, b), (o, g)))(params, buffers, obs, goals)
+        m, b, L, _ = obs.shape
+        x = (obs - buffers["obs_mean"][:, None, None, :]) / buffers["obs_std"][:, None, None, :]
+        g = (goals / buffers["goal_scale"][:, None, None, :]).expand(m, b, L, goals.shape[-1])
+        h = torch.cat([x, g], -1).reshape(m, b * L, -1)  # (M, B L, obs_dim + g)
+        for i, layer in enumerate(self.template.net):
+            if isinstance(layer, torch.nn.Linear):  # h W^T + bias, per member
+                h = torch.baddbmm(params[f"net.{i}.bias"][:, None, :], h, params[f"net.{i}.weight"].transpose(1, 2))
+            else:
+                h = torch.relu(h)
+        return torch.tanh(h).reshape(m, b, L, -1)
+
     def _sums(self, params, buffers, starts: np.ndarray, goals: torch.Tensor) -> torch.Tensor:
         """(M, B) sums of the segments starting at ``starts`` (M, B) under each member's goals (M, B, 1, g)."""
         m, b = starts.shape
         seg = gather_segments(self.learners[0].ds, starts.ravel(), self.config.segment_length)
         obs = torch.as_tensor(seg["observations"], dtype=torch.float32).reshape(m, b, *seg["observations"].shape[1:])
-        act = torch.as_tensor(seg["actions"], dtype=torch.float32).reshape(m, b, *seg["actions"].shape[1:])
-
-        def one(p, buf, o, a, g):  # one member: (B, L, .) -> (B,)
-            return unit_variance_segment_logps(functional_call(self.template, (p, buf), (o, g)), a)
-
-        return vmap(one)(params, buffers, obs, act, goals)
+        act = torch.as_tensor(seg["actions"], dtype=torch.float32)  # (M B, L, A)
+        mean = self._forward(params, buffers, obs, goals).reshape(act.shape)
+        return unit_variance_segment_logps(mean, act).reshape(m, b)  # CPL's S = -sum_t ||mu - a||^2
 
     def train_step(self, step: int) -> list[dict[str, float]]:
         """One step of every member (``PresaLearner.train_step``'s, batched); each member's metrics."""

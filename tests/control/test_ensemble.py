@@ -157,3 +157,18 @@ def test_the_suite_trains_presa_seeds_as_one_ensemble_job(smoke_dataset, control
     assert run_suite(["run"], ["presa"], [0, 1], "smoke", out, work_dir=work, data_dir=str(control_data_dir),
                      ensemble=True, say=said.append) == 0
     assert any("2 jobs (2 done already)" in s for s in said)
+
+
+def test_stacked_forward_equals_each_members_module_and_the_vmap_path(smoke_dataset):
+    ds = smoke_dataset("run")
+    members = [PresaLearner(_cfg("presa"), ds, s) for s in SEEDS]
+    ens = PresaEnsemble(members)
+    starts = np.stack([ln.feedback["chosen"][:5] for ln in members])  # (M, 5)
+    goals = torch.stack([torch.as_tensor(ln.feedback["goal"][:5], dtype=torch.float32)[:, None, :]
+                         for ln in members])
+    sums = ens._sums(ens.params, ens.buffers, starts, goals)  # (M, 5), stacked baddbmm path
+    with torch.no_grad():
+        for m, ln in enumerate(members):  # each member's own module on its own segments
+            torch.testing.assert_close(sums[m], ln._sums(ln.pi, starts[m], goals[m]), rtol=1e-5, atol=1e-4)
+    ens._plain_mlp = False  # the general path: vmap over functional_call
+    torch.testing.assert_close(ens._sums(ens.params, ens.buffers, starts, goals), sums, rtol=1e-5, atol=1e-4)
