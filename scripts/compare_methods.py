@@ -159,7 +159,8 @@ def summarise(evals: list[dict], sources: list[str]) -> dict:
         else:
             row[key] = None
     row["interval_methods"] = methods
-    row["per_prompt_outcomes"] = all(_has_outcomes(ev, r) for ev in evals for r in PROMPT_RATES)
+    row["per_prompt_outcomes"] = all(_has_outcomes(ev, r) for ev in evals for r in PROMPT_RATES
+                                    if ev.get(r) is not None)  # a rate the benchmark lacks (null) needs none
     row["_pooled_counts"] = pooled
     return row
 

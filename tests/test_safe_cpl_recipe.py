@@ -153,13 +153,18 @@ def test_stage2_and_baselines_on_a_benchmark_build(tiny_model_path, tmp_path, ca
     assert record["rc_reward_model"]["train_pairs"] > 0 and record["amortized_policy"][0]["round"] == 1
     assert "safe_cpl_search" in proc.stdout and "normalized_reward" in proc.stdout
     assert (out / "downstream.md").is_file()
-    # A second run reuses the base model's cached candidates.
+    # A second run from the saved artefact (no training) reuses the base model's cached candidates.
     proc = _run([sys.executable, str(RECIPE), *_args(tiny_model_path, data, tmp_path / "run2"), "--downstream",
                  str(bench), "--eval_limit_per_category", "3", "--num_candidates", "2", "--stage2_methods", "search",
-                 "--baselines", "task_only", "oracle", "--eval_max_new_tokens", "8"], _env(cache), timeout=600)
+                 "--baselines", "task_only", "oracle", "--eval_max_new_tokens", "8", "--stage1_artifact", str(out)],
+                _env(cache), timeout=600)
     assert "base model's candidates: cached" in proc.stdout
+    assert f"safe_cpl stage 1 loaded from {out}" in proc.stdout and "stage 1 finished" not in proc.stdout
+    assert not (tmp_path / "run2" / "adapter_model.safetensors").exists()
     second = json.loads((tmp_path / "run2" / "downstream.json").read_text())
     assert second["outcomes"]["task_only"] == record["outcomes"]["task_only"]
+    # The loaded artefact is the trained policy: the same search draws give the same candidates' choice.
+    assert second["outcomes"]["safe_cpl_search"]["response"] == record["outcomes"]["safe_cpl_search"]["response"]
     assert set(second["methods"]) == {"task_only", "oracle", "safe_cpl_search"}
 
 

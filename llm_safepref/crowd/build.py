@@ -99,7 +99,7 @@ class CrowdConfig:
 
     seed: int = field(default=0, metadata={"help": "Seed of the prompt subsets, styles, sampling, pair choice."})
     model: str = field(default="embedded", metadata={"help": "Policy whose samples are annotated."})
-    benchmark: str | None = field(default=None, metadata={"help": "Built safety benchmark folder (default benchmark_dir(0))."})
+    benchmark: str | None = field(default=None, metadata={"help": "Built safety benchmark folder (default: the embedded benchmark, benchmark_folder(0); crowd-v1 was built on safety-v2)."})
     samples_per_prompt: int = field(default=4, metadata={"help": "On-policy samples per prompt (K)."})
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens per sample."})
     temperature: float = 0.8
@@ -387,7 +387,7 @@ def build_crowd(cfg: CrowdConfig | None = None, out: str | os.PathLike | None = 
     import torch
 
     from llm_safepref.core.provenance import run_record, write_json
-    from llm_safepref.data import benchmark_dir
+    from llm_safepref.data.build import benchmark_folder
     from llm_safepref.data.build import WRITTEN_REFUSALS
     from llm_safepref.data.sampling import generate_responses
     from llm_safepref.judge import load_judge
@@ -400,7 +400,7 @@ def build_crowd(cfg: CrowdConfig | None = None, out: str | os.PathLike | None = 
         return out
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
-    bench = Path(cfg.benchmark) if cfg.benchmark else benchmark_dir(0)
+    bench = Path(cfg.benchmark) if cfg.benchmark else benchmark_folder(0)
     all_prompts, bench_manifest = _load_benchmark_prompts(bench)
     prompts = select_prompts(all_prompts, cfg)
     _log(f"{len(prompts)} prompts from {bench}: "

@@ -72,6 +72,10 @@ class SafeCPLRecipeArguments(ScriptArguments):
                           "downstream_concise_you), a simulated user's id, or 'module:function' taking "
                           "(prompt, response) and returning a float."},
     )
+    stage1_artifact: str | None = field(
+        default=None,
+        metadata={"help": "Skip stage 1: load this Safe-CPL artefact (a folder saved by the recipe or "
+                          "SafeCPLTrainer.save_artifact, or a Hub id) and run stage 2 and the baselines with it."})
     num_candidates: int = field(default=4, metadata={"help": "K: generations per test prompt for every method."})
     stage2_penalty: float = field(
         default=0.05, metadata={"help": "w of the stage-2 score task_reward - w * ||eps||^2 (task-reward units)."})
@@ -279,7 +283,8 @@ class SafeCPLRecipeRun:
         cands = sample_base_candidates(model, tok, self.prompts, sa.num_candidates,
                                        max_new_tokens=sa.eval_max_new_tokens, batch_size=sa.eval_batch_size,
                                        temperature=sa.sample_temperature, top_p=sa.sample_top_p, seed=0,
-                                       progress=self.is_main_process)
+                                       progress=self.is_main_process,
+                                       draw_cache=lambda j: path.with_name(f"{path.stem}.draw{j}.json"))
         judge_candidates(cands, self.task_reward, self.judge)
         cands.meta = {"method": "base", "model": self.base_model, "key": key}
         cands.save(path)
@@ -325,7 +330,8 @@ class SafeCPLRecipeRun:
         outcomes["task_only"] = outcomes_of(base, choose(base.task_reward))
         outcomes["oracle"] = outcomes_of(base, choose(base.task_reward - HARM_PENALTY * base.is_harmful))
 
-        policy = SafeCPLPolicy.from_trainer(self.trainer)
+        policy = (SafeCPLPolicy.from_pretrained(sa.stage1_artifact) if self.trainer is None
+                  else SafeCPLPolicy.from_trainer(self.trainer))
         policy.model.eval()
         d = policy.latent_dim
         if "rc" in sa.baselines:
@@ -492,10 +498,11 @@ class SafeCPLRecipeRun:
         if not self.is_main_process:
             return None
         sa, ta = self.script_args, self.training_args
-        train_logs = [e for e in self.trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+        state = self.trainer.state if self.trainer is not None else None
+        train_logs = [e for e in state.log_history if "loss" in e and "train_runtime" not in e] if state else []
         record = run_record(
             method="safe_cpl", base_model=self.base_model, dataset=sa.dataset_name,
-            crowd_imbalanced=sa.crowd_imbalanced, seed=ta.seed, global_step=self.trainer.state.global_step,
+            crowd_imbalanced=sa.crowd_imbalanced, seed=ta.seed, global_step=state.global_step if state else None, stage1_artifact=sa.stage1_artifact,
             final_train_loss=train_logs[-1]["loss"] if train_logs else None,
             downstream_benchmark=self.downstream_benchmark, downstream_task=(
                 {"name": self.task_reward.name, "description": self.task_reward.description}
@@ -520,7 +527,10 @@ class SafeCPLRecipeRun:
     def report(self) -> None:
         if not self.is_main_process:
             return
-        print(f"\nsafe_cpl stage 1 finished: {self.trainer.state.global_step} steps, artefact in {self.output_dir}")
+        if self.trainer is not None:
+            print(f"\nsafe_cpl stage 1 finished: {self.trainer.state.global_step} steps, artefact in {self.output_dir}")
+        else:
+            print(f"\nsafe_cpl stage 1 loaded from {self.script_args.stage1_artifact}")
         for line in self.skipped:
             print(f"skipped: {line}")
         if self.results:
@@ -555,13 +565,16 @@ def run_safe_cpl_recipe(argv: list[str] | None = None, description: str | None =
     run = SafeCPLRecipeRun.parse(argv, description)
     try:
         run.prepare()
-        run.build()  # the trainer checks the users and context sets before tokenising
+        if run.script_args.stage1_artifact is None:
+            run.build()  # the trainer checks the users and context sets before tokenising
     except (RecipeError, DataValidationError, CrowdDataError, ContextError, SafeCPLDataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run.train()
-    run.save()
-    code = run.publish()
+    code = 0
+    if run.trainer is not None:
+        run.train()
+        run.save()
+        code = run.publish()
     PartialState().wait_for_everyone()
     t0 = time.time()
     run.downstream()
@@ -571,6 +584,6 @@ def run_safe_cpl_recipe(argv: list[str] | None = None, description: str | None =
     run.write_outputs()
     run.report()
     PartialState().wait_for_everyone()
-    if hasattr(run.trainer, "end"):
+    if run.trainer is not None and hasattr(run.trainer, "end"):
         run.trainer.end()
     return code

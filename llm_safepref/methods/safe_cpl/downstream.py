@@ -144,17 +144,28 @@ class CandidateSet:
 
 def sample_base_candidates(model, tokenizer, prompts: Sequence[dict], k: int, *, max_new_tokens: int = 64,
                            batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
-                           progress: bool = False) -> CandidateSet:
-    """``K`` sampled answers of an unconditioned model per prompt (sample ``j`` of every prompt with seed ``seed + j``)."""
+                           progress: bool = False, draw_cache=None) -> CandidateSet:
+    """``K`` sampled answers of an unconditioned model per prompt (draw ``j`` of every prompt seeded ``seed + 1000 j``).
+
+    ``draw_cache(j)``: a path per draw; a draw already there is read instead of generated.
+    """
     from llm_safepref.data.sampling import generate_responses
 
     texts = [p["prompt"] for p in prompts]
     per_draw = []
     for j in range(k):
+        cached = Path(draw_cache(j)) if draw_cache is not None else None
+        if cached is not None and cached.exists():  # a stopped run keeps its finished draws
+            per_draw.append(json.loads(cached.read_text()))
+            continue
         out = generate_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  do_sample=True, temperature=temperature, top_p=top_p, seed=seed + 1000 * j,
                                  progress=progress, desc=f"base sample {j + 1}/{k}")
         per_draw.append([o or "" for o in out])
+        if cached is not None:
+            from llm_safepref.core.provenance import write_json
+
+            write_json(cached, per_draw[-1])
     responses = [[per_draw[j][i] for j in range(k)] for i in range(len(texts))]
     return CandidateSet(list(prompts), responses)
 
