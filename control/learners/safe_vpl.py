@@ -251,4 +251,4 @@ class LatentEncoderLearner(SafeVPLLearner):
     def finalize(self, out_dir: str | Path) -> dict:
         """Write the frozen encoder, prior and reward model with the generators' states; returns the JSON."""
         return save_latent_encoder(out_dir, self, {k: self.modules[k] for k in ("encoder", "prior", "reward")},
-                                   {**self.heldout_info(), "crowd": self.crowd.info()})
+                                   {"n_rows": int(self.ds.n), **self.heldout_info(), "crowd": self.crowd.info()})

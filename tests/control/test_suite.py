@@ -99,9 +99,9 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     assert main(args) == 0
     printed = capsys.readouterr().out
     plan = plan_jobs(["run"], list(METHODS), [0])
-    # One job per method plus the two reward models (balanced, imbalanced), each planned once.
-    assert len(plan) == len(METHODS) + 2 and [j.key for j in plan if j.kind == "artefact"] == \
-        ["run__reward_model__seed0", "run__reward_model_imbalanced__seed0"]
+    # One job per method plus the two reward models (balanced, imbalanced) and the shared latent encoder, once each.
+    assert len(plan) == len(METHODS) + 3 and [j.key for j in plan if j.kind == "artefact"] == \
+        ["run__reward_model__seed0", "run__latent_encoder__seed0", "run__reward_model_imbalanced__seed0"]
     assert f"{len(plan)} jobs (0 done already)" in printed
     for method in METHODS:
         rec = read_run_file(out / "runs" / f"run__{method}__seed0.json")
@@ -261,7 +261,7 @@ def test_bad_input_is_an_error_that_says_what_to_do(smoke_dataset, control_data_
         error("--tasks", "run", "--methods", "ppo")
     assert "empty seed list" in error("--tasks", "run", "--methods", "presa", "--seeds")
     assert "--shard i/n needs" in error("--tasks", "run", "--methods", "presa", "--shard", "3/2")
-    assert "no config of presa, reward_model, reward_model_imbalanced has a field 'stepz'" in \
+    assert "no config of presa, reward_model, reward_model_imbalanced, latent_encoder has a field 'stepz'" in \
         error("--tasks", "run", "--methods", "presa", "--set", "stepz=3")
     empty = tmp_path / "no_data"
     err = error("--tasks", "run", "circle", "--methods", "presa", "--data_dir", str(empty))
