@@ -403,3 +403,190 @@ def test_compare_methods_on_the_recorded_runs(tmp_path):
     (tmp_path / "none.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="no 'before' evaluation"):
         compare.compare({"presa": runs["presa"], "dpo": tmp_path / "none.json"})
+
+
+# ----------------------------------------------------------------------------- evaluation set and base-eval cache
+
+
+def _rows(counts: dict[str, int]) -> list[dict]:
+    return [{"id": f"{c}-{i}", "category": c} for c, n in counts.items() for i in range(n)]
+
+
+def test_eval_categories_select_and_cap_by_hand():
+    """Named categories only, each with its own cap or the per-category one; ranked by sha256(id) as before."""
+    import hashlib
+
+    from llm_safepref.eval import parse_categories, select_categories
+
+    rows = _rows({"harmful": 5, "benign": 3, "look_dangerous": 2, "contrast_harmful": 4})
+    out = select_categories(rows, ["harmful:2", "look_dangerous:all", "benign"], per_category=1)
+    assert [r["category"] for r in out] == ["harmful", "harmful", "look_dangerous", "look_dangerous", "benign"]
+    smallest = sorted((f"harmful-{i}" for i in range(5)), key=lambda s: hashlib.sha256(s.encode()).hexdigest())[:2]
+    assert [r["id"] for r in out[:2]] == smallest
+    # No cap anywhere: whole categories; a known category the build lacks selects nothing.
+    assert len(select_categories(_rows({"harmful": 5, "benign": 3}), ["benign", "contrast_harmful"])) == 3
+    assert parse_categories("harmful, look_dangerous:all") == {"harmful": "default", "look_dangerous": None}
+    for bad, message in (("harmfull", "unknown category 'harmfull'"), ("harmful:0", "positive integer or 'all'"),
+                         ("benign:x", "positive integer or 'all'")):
+        with pytest.raises(ValueError, match=message):
+            parse_categories([bad])
+    with pytest.raises(ValueError, match="named twice"):
+        parse_categories(["benign", "benign:3"])
+
+
+def test_presa_default_evaluation_set_on_the_shipped_benchmark():
+    """make train evaluates 100 harmful, 100 benign and all 109 look-dangerous test prompts; no contrast set."""
+    from llm_safepref.data.adapters import load_eval_prompts
+    from llm_safepref.eval import select_categories, stratified_subset
+
+    script_args, _, _ = _parse("presa_lora", [])
+    assert script_args.eval_categories == ["harmful", "benign", "look_dangerous:all"]
+    assert script_args.eval_limit_per_category == 100 and script_args.eval_base_cache is True
+    rows = [dict(r) for r in load_eval_prompts("embedded", script_args.eval_split)]
+    chosen = stratified_subset(select_categories(rows, script_args.eval_categories,
+                                                 script_args.eval_limit_per_category), script_args.eval_limit)
+    counts = {c: sum(r["category"] == c for r in chosen) for c in ("harmful", "benign", "look_dangerous",
+                                                                 "contrast_harmful")}
+    assert counts == {"harmful": 100, "benign": 100, "look_dangerous": 109, "contrast_harmful": 0}
+    # The same harmful and benign prompts as without the option (the v2 runs' subsets).
+    old = stratified_subset(rows, None, per_category=100)
+    assert {r["id"] for r in chosen if r["category"] != "look_dangerous"} == {
+        r["id"] for r in old if r["category"] in ("harmful", "benign")}
+
+
+def _base_args(bench, **kwargs):
+    settings = dict(dataset_name=str(bench), eval_limit=6, eval_max_new_tokens=4, eval_batch_size=4,
+                    eval_categories=["harmful", "benign", "look_dangerous:all"])
+    return _script_args(**{**settings, **kwargs})
+
+
+def test_base_eval_cache_hits_misses_and_says_so(tiny_model_path, tmp_path, monkeypatch):
+    """A second evaluation with the same settings is read back (no generation), identical; a change misses."""
+    import llm_safepref.eval as ev
+    from llm_safepref.recipes import resolve_eval_benchmark
+    from llm_safepref.recipes.evaluation import run_base_evaluation
+    from tests.fixtures.small_benchmark import small_benchmark
+
+    bench = small_benchmark(tiny_model_path)  # in the shared test cache: built once
+    monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    args = _base_args(bench)
+    plan = resolve_eval_benchmark(args)
+    first, record = run_base_evaluation(plan, args, str(tiny_model_path))
+    assert len(calls) == 1 and record["hit"] is False and record["source"] == "evaluated"
+    stored = Path(record["file"])
+    assert stored.parent == tmp_path / "cache" / "base_eval" and stored.name == f"{record['key']}.json"
+    entry = json.loads(stored.read_text())
+    for key in ("command", "git_revision", "versions", "machine", "date", "key_material", "result"):
+        assert key in entry, key
+    assert entry["key_material"]["torch_threads"] > 0 and entry["key_material"]["benchmark"]["eval_prompts_sha256"]
+
+    second, hit = run_base_evaluation(plan, args, str(tiny_model_path))
+    assert len(calls) == 1, "the second evaluation generated again"
+    assert hit["hit"] is True and hit["source"] == "user-cache" and hit["file"] == str(stored)
+    assert hit["key"] == record["key"] and hit["evaluated_by"]["date"] == entry["date"]
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+
+    # Any setting the numbers depend on misses: here the generation length.
+    _, other = run_base_evaluation(plan, _base_args(bench, eval_max_new_tokens=3), str(tiny_model_path))
+    assert len(calls) == 2 and other["hit"] is False and other["key"] != record["key"]
+    # Turned off: evaluates, stores nothing.
+    _, off = run_base_evaluation(plan, _base_args(bench, eval_base_cache=False), str(tiny_model_path))
+    assert len(calls) == 3 and off == {"hit": False, "source": "disabled", "reason": "--eval_base_cache false"}
+
+    # The shipped copy is read when the user cache has none.
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    stored.rename(shipped / stored.name)
+    third, from_shipped = run_base_evaluation(plan, args, str(tiny_model_path), shipped_dir=shipped)
+    assert len(calls) == 3 and from_shipped["source"] == "shipped" and from_shipped["file"] == str(shipped / stored.name)
+    assert third == first
+    # An entry whose recorded key material differs from the key's is not trusted.
+    tampered = json.loads((shipped / stored.name).read_text())
+    tampered["key_material"]["torch_threads"] += 1
+    (shipped / stored.name).write_text(json.dumps(tampered))
+    _, miss = run_base_evaluation(plan, args, str(tiny_model_path), shipped_dir=shipped)
+    assert len(calls) == 4 and miss["source"] == "evaluated"
+
+
+def test_base_eval_key_covers_every_input(tiny_model_path, tmp_path):
+    """Each input of the key changes it: threads, seed, batch size, categories, judge audit, prompts, weights."""
+    from llm_safepref.judge import load_judge
+    from llm_safepref.recipes.base_eval import cache_key, key_material
+    from tests.fixtures.small_benchmark import small_benchmark
+
+    bench = small_benchmark(tiny_model_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    judge = load_judge()
+    base = dict(model=str(model), benchmark=str(bench), split="test", limit=None, limit_per_category=100,
+                categories=None, max_new_tokens=64, batch_size=16, seed=0, judge=judge, judge_audit=None, threads=2)
+
+    def key(**change):
+        record, reason = key_material(**{**base, **change})
+        assert reason is None
+        return cache_key(record)
+
+    audit = tmp_path / "audit.json"
+    audit.write_text("{}")
+    reference = key()
+    assert key() == reference  # deterministic
+    changed = [key(threads=1), key(seed=1), key(batch_size=8), key(max_new_tokens=32), key(limit=10),
+               key(limit_per_category=50), key(categories=["harmful"]), key(judge_audit=str(audit)), key(split="validation")]
+    assert reference not in changed and len(set(changed)) == len(changed)
+    # Any byte of the weights, and a local path that moved (no path is in the key).
+    moved = tmp_path / "moved"
+    shutil.copytree(model, moved)
+    assert key(model=str(moved)) == reference
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert key(model=str(moved)) != reference
+    # A model that cannot be fingerprinted, and a callable judge, are not cached (and say why).
+    record, reason = key_material(**{**base, "model": "nobody/not-a-cached-model"})
+    assert record is None and "not-a-cached-model" in reason
+    from llm_safepref.judge import resolve_judge
+
+    plug_in = resolve_judge(f"{REPO / 'tests' / 'test_judge.py'}:length_judge")
+    record, reason = key_material(**{**base, "judge": plug_in})
+    assert record is None and "callable" in reason
+
+
+def test_second_recipe_run_reads_the_base_evaluation_from_the_cache(tiny_model_path, tmp_path, monkeypatch, capsys):
+    """Two tiny PRESA runs on a benchmark folder: the second's `before` is read back, identical, and says so."""
+    import llm_safepref.eval as ev
+    from tests.fixtures.small_benchmark import small_benchmark
+
+    bench = small_benchmark(tiny_model_path)
+    monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(k.get("adapter")) or real(*a, **k))
+    metrics = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        argv = [*_recipe_args(tiny_model_path, bench, out, 2), "--skip_eval", "false", "--max_steps", "1",
+                "--eval_limit", "6", "--eval_max_new_tokens", "4", "--eval_batch_size", "4"]
+        assert _module("presa_lora").main(argv) == 0
+        metrics.append(json.loads((out / "run_metrics.json").read_text()))
+    printed = capsys.readouterr().out
+    # First run: base + trained evaluated; second run: only the trained one.
+    assert calls == [None, str(tmp_path / "first"), str(tmp_path / "second")]
+    first, second = (m["base_eval_cache"] for m in metrics)
+    assert first["hit"] is False and first["source"] == "evaluated"
+    assert second["hit"] is True and second["source"] == "user-cache" and second["file"] == first["file"]
+    assert "Base evaluation: from the user-cache base-evaluation cache" in printed
+    assert metrics[1]["before"] == metrics[0]["before"]
+    assert metrics[0]["before"]["generation"]["categories"] == ["harmful", "benign", "look_dangerous:all"]
+    assert "contrast_harmful" not in metrics[0]["before"]["n_by_category"]
+    # --eval_base_only: the base rates, from the cache, and nothing trains.
+    only = tmp_path / "only"
+    argv = [*_recipe_args(tiny_model_path, bench, only, 2), "--skip_eval", "false", "--eval_limit", "6",
+            "--eval_max_new_tokens", "4", "--eval_batch_size", "4", "--eval_base_only", "true"]
+    assert _module("presa_lora").main(argv) == 0 and len(calls) == 3
+    printed = capsys.readouterr().out
+    assert "from the user-cache" in printed and "harmful_compliance_rate" in printed
+    assert not (only / "adapter_model.safetensors").exists()

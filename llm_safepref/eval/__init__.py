@@ -45,7 +45,10 @@ Uncertainty (``llm_safepref.eval.intervals``; design decisions there):
 least one prompt each), the prompts with the smallest ``sha256(id)`` — so before/after
 comparisons on the same ``limit`` see the same prompts, whatever the seed. ``limit_per_category``
 instead keeps at most that many prompts of *each* category (same ranking), which keeps the small
-benign and look-dangerous sets whole while capping the large harmful one.
+benign and look-dangerous sets whole while capping the large harmful one. ``categories``
+(``select_categories``) first keeps only the named categories, each optionally with its own cap
+(``"look_dangerous:all"``, ``"harmful:50"``) in place of ``limit_per_category``; the recipes' main
+job evaluates ``[harmful, benign, "look_dangerous:all"]`` (docs/recipes.md says why).
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ import numpy as np
 
 from llm_safepref.eval.intervals import OPTIONAL_RATES, PREFERENCE_RATE, PROMPT_RATES, rate_fields, round4
 
-__all__ = ["PROMPT_RATES", "RECIPE_MAX_LENGTH", "evaluate", "pair_id", "pair_logps", "preference_examples",
-           "results_markdown", "stratified_subset", "write_results"]
+__all__ = ["PROMPT_RATES", "RECIPE_MAX_LENGTH", "evaluate", "pair_id", "pair_logps", "parse_categories",
+           "preference_examples", "results_markdown", "select_categories", "stratified_subset", "write_results"]
 
 CATEGORIES = ("harmful", "benign", "look_dangerous")
 #: Categories of newer benchmarks (safety-v3), counted in ``n_by_category`` only where present, so
@@ -75,6 +78,65 @@ SUBCATEGORY_CATEGORIES = ("look_dangerous", "contrast_harmful")
 
 def _ranked(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())
+
+
+def parse_categories(categories) -> dict[str, int | None | str]:
+    """``["harmful", "look_dangerous:all", "benign:50"]`` -> ``{category: cap}``, in the order given.
+
+    A cap is a positive int, ``None`` for ``:all`` (the whole category), or ``"default"`` (no
+    ``:N``: the call's ``limit_per_category``). Raises ``ValueError`` naming the bad entry and the
+    known categories (:data:`CATEGORIES` + :data:`EXTRA_CATEGORIES`).
+    """
+    if isinstance(categories, str):
+        categories = [c for c in categories.split(",") if c.strip()]
+    known = (*CATEGORIES, *EXTRA_CATEGORIES)
+    out: dict[str, int | None | str] = {}
+    for entry in categories:
+        name, _, cap = str(entry).strip().partition(":")
+        name, cap = name.strip(), cap.strip().lower()
+        if name not in known:
+            raise ValueError(f"categories: {entry!r}: unknown category {name!r}; expected one of {list(known)}, "
+                             "optionally followed by ':N' (at most N prompts) or ':all'")
+        if name in out:
+            raise ValueError(f"categories: {name!r} is named twice")
+        if not cap:
+            out[name] = "default"
+        elif cap == "all":
+            out[name] = None
+        elif cap.isdigit() and int(cap) > 0:
+            out[name] = int(cap)
+        else:
+            raise ValueError(f"categories: {entry!r}: the cap after ':' must be a positive integer or 'all'")
+    if not out:
+        raise ValueError("categories: empty; name at least one category (or pass none for all of them)")
+    return out
+
+
+def _category_list(categories) -> list[str] | None:
+    """``categories`` as the list of entries recorded in ``generation["categories"]`` (None: all)."""
+    if categories is None:
+        return None
+    entries = categories.split(",") if isinstance(categories, str) else categories
+    return [str(c).strip() for c in entries if str(c).strip()]
+
+
+def select_categories(rows: list[dict], categories, per_category: int | None = None) -> list[dict]:
+    """The rows of the named categories, each capped (same ranking as :func:`stratified_subset`).
+
+    ``categories``: as :func:`parse_categories` takes; a name without a cap gets ``per_category``
+    (None: the whole category). A known category the benchmark lacks selects nothing (an older
+    build without ``contrast_harmful``, say): ``n_by_category`` shows it.
+    """
+    caps = parse_categories(categories)
+    by = defaultdict(list)
+    for r in rows:
+        by[r["category"]].append(r)
+    out = []
+    for name, cap in caps.items():
+        cap = per_category if cap == "default" else cap
+        ranked = _ranked(by[name])
+        out += ranked if cap is None else ranked[:cap]
+    return out
 
 
 def stratified_subset(rows: list[dict], limit: int | None, per_category: int | None = None) -> list[dict]:
@@ -311,6 +373,7 @@ def evaluate(
     batch_size: int = 16,
     limit: int | None = None,
     limit_per_category: int | None = None,
+    categories=None,
     seed: int = 0,
     do_sample: bool = False,
     temperature: float = 0.8,
@@ -333,6 +396,8 @@ def evaluate(
     :func:`llm_safepref.judge.resolve_judge`); default the packaged one. The result names it
     (``judge_version``, ``judge_kind``, ``judge``). ``judge_audit``: an audit file of that judge
     (:mod:`llm_safepref.eval.correction`); its judged rates then also come corrected.
+    ``categories``: only these categories, each with an optional cap (:func:`select_categories`);
+    ``limit`` then applies to what they select. None: every category, ``limit_per_category`` each.
     """
     import torch
 
@@ -348,7 +413,10 @@ def evaluate(
     t0 = time.time()
     torch.manual_seed(seed)
     rows = [dict(r) for r in load_eval_prompts(benchmark, split)]
-    rows = stratified_subset(rows, limit, per_category=limit_per_category)
+    if categories is not None:
+        rows = stratified_subset(select_categories(rows, categories, limit_per_category), limit)
+    else:
+        rows = stratified_subset(rows, limit, per_category=limit_per_category)
     ids = [str(r["id"]) for r in rows]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -422,7 +490,8 @@ def evaluate(
         "judge_correction": correction_record,
         "generation": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": do_sample,
                        "temperature": temperature if do_sample else None, "seed": seed, "limit": limit,
-                       "limit_per_category": limit_per_category},
+                       "limit_per_category": limit_per_category,
+                       "categories": _category_list(categories)},
     })
     if preference_pairs:
         pairs = [dict(p) for p in load_preference_dataset(benchmark, split)]

@@ -62,6 +62,12 @@ class RecipeArguments(ScriptArguments):
         default=None,
         metadata={"help": "Evaluate on at most N prompts of each category (harmful, benign, look-dangerous)."},
     )
+    eval_categories: list[str] | None = field(
+        default=None,
+        metadata={"help": "Evaluate only these categories (harmful, benign, look_dangerous, contrast_harmful), each "
+                          "optionally with its own cap in place of --eval_limit_per_category: 'look_dangerous:all', "
+                          "'harmful:50'. Default: every category of the benchmark."},
+    )
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the evaluation."})
     eval_judge: str = field(
         default="packaged",
@@ -75,6 +81,19 @@ class RecipeArguments(ScriptArguments):
                           "schema): adds judge-corrected rates (Rogan–Gladen) with intervals."},
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Generation batch size of the evaluation."})
+    eval_base_cache: bool = field(
+        default=True,
+        metadata={"help": "Reuse the base model's evaluation when nothing it depends on changed (model weights, "
+                          "benchmark prompts, split, limits, generation, seed, judge, threads, library versions): "
+                          "looked up in <cache>/base_eval/, then in the copy shipped with the package; a miss "
+                          "evaluates and stores it. run_metrics.json says where 'before' came from. false: always "
+                          "evaluate the base model."},
+    )
+    eval_base_only: bool = field(
+        default=False,
+        metadata={"help": "Evaluate the base model (through the cache, storing a miss), print its rates and stop: "
+                          "nothing trains. How the shipped base evaluation is produced (docs/recipes.md)."},
+    )
     results_file: str | None = field(
         default=None, metadata={"help": "Also write the run's metrics JSON here (default: <output_dir>/run_metrics.json)."}
     )

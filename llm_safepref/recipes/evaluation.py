@@ -12,6 +12,9 @@ Design decisions:
   is an error at the start of the run, not after an hour of training.
 * ``none`` (and its alias ``--skip_eval``) skips.
 * The evaluation runs on the main process only; the other processes wait.
+* The base model's evaluation goes through :mod:`llm_safepref.recipes.base_eval` (a cache keyed
+  by everything it depends on, with a copy shipped for ``make train``'s defaults), unless
+  ``--eval_base_cache false``; :func:`run_base_evaluation` returns the cache record with it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["EvalPlan", "RecipeError", "resolve_eval_benchmark", "run_evaluation", "SKIP_MESSAGE"]
+__all__ = ["EvalPlan", "RecipeError", "resolve_eval_benchmark", "run_base_evaluation", "run_evaluation",
+           "SKIP_MESSAGE"]
 
 
 class RecipeError(ValueError):
@@ -113,14 +117,56 @@ def run_evaluation(plan: EvalPlan, script_args, model_name_or_path: str, adapter
     state = PartialState()
     result = None
     if plan.benchmark is not None and state.is_main_process:
-        from llm_safepref.eval import evaluate
-
-        result = evaluate(
-            model_name_or_path, adapter=adapter, split=script_args.eval_split, limit=script_args.eval_limit,
-            limit_per_category=script_args.eval_limit_per_category, benchmark=plan.benchmark,
-            max_new_tokens=script_args.eval_max_new_tokens, batch_size=script_args.eval_batch_size, seed=seed,
-            judge=judge if judge is not None else getattr(script_args, "eval_judge", None),
-            judge_audit=judge_audit if judge_audit is not None else getattr(script_args, "eval_judge_audit", None),
-        )
+        result = _evaluate(plan, script_args, model_name_or_path, adapter, seed, judge=judge, judge_audit=judge_audit)
     state.wait_for_everyone()
     return result
+
+
+def _judge_settings(script_args, judge, judge_audit) -> tuple:
+    return (judge if judge is not None else getattr(script_args, "eval_judge", None),
+            judge_audit if judge_audit is not None else getattr(script_args, "eval_judge_audit", None))
+
+
+def _evaluate(plan: EvalPlan, script_args, model_name_or_path: str, adapter: str | None, seed: int, *,
+              judge=None, judge_audit=None) -> dict:
+    from llm_safepref.eval import evaluate
+
+    judge, judge_audit = _judge_settings(script_args, judge, judge_audit)
+    return evaluate(
+        model_name_or_path, adapter=adapter, split=script_args.eval_split, limit=script_args.eval_limit,
+        limit_per_category=script_args.eval_limit_per_category,
+        categories=getattr(script_args, "eval_categories", None), benchmark=plan.benchmark,
+        max_new_tokens=script_args.eval_max_new_tokens, batch_size=script_args.eval_batch_size, seed=seed,
+        judge=judge, judge_audit=judge_audit,
+    )
+
+
+def run_base_evaluation(plan: EvalPlan, script_args, model_name_or_path: str, seed: int = 0, *, judge=None,
+                        judge_audit=None, revision: str | None = None,
+                        shipped_dir: Path | None = None) -> tuple[dict | None, dict | None]:
+    """``(result, cache record)`` of the base model (main process; ``(None, None)`` elsewhere or when skipping).
+
+    Through the base-evaluation cache (:func:`llm_safepref.recipes.base_eval.cached_base_evaluation`)
+    unless ``script_args.eval_base_cache`` is false; the record says whether the result came from
+    the cache and from which file.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    result = record = None
+    if plan.benchmark is not None and state.is_main_process:
+        from llm_safepref.recipes.base_eval import cached_base_evaluation
+
+        judge, judge_audit = _judge_settings(script_args, judge, judge_audit)
+        result, record = cached_base_evaluation(
+            lambda resolved: _evaluate(plan, script_args, model_name_or_path, None, seed, judge=resolved,
+                                       judge_audit=judge_audit),
+            model=model_name_or_path, use_cache=bool(getattr(script_args, "eval_base_cache", True)),
+            shipped_dir=shipped_dir, benchmark=plan.benchmark, split=script_args.eval_split,
+            limit=script_args.eval_limit, limit_per_category=script_args.eval_limit_per_category,
+            categories=getattr(script_args, "eval_categories", None), max_new_tokens=script_args.eval_max_new_tokens,
+            batch_size=script_args.eval_batch_size, seed=seed, judge=judge, judge_audit=judge_audit,
+            revision=revision,
+        )
+    state.wait_for_everyone()
+    return result, record

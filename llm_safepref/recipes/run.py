@@ -19,6 +19,11 @@ Design decisions:
   card go through :mod:`llm_safepref.core.provenance` (``run_record`` / ``write_json`` /
   ``redact``), whose command line is redacted too.
 * Evaluation, file writing and publishing run on the main process only; the others wait.
+* The base model's evaluation comes from the base-evaluation cache when nothing it depends on
+  changed (:mod:`llm_safepref.recipes.base_eval`; a copy for ``make train``'s defaults ships with
+  the package), so a run spends its time on training and the trained model's evaluation. The run
+  prints where ``before`` came from and ``run_metrics.json`` records it (``base_eval_cache``);
+  ``--eval_base_cache false`` evaluates every time, ``--eval_base_only true`` stops after it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from llm_safepref.recipes.arguments import RecipeArguments, parse_args  # noqa: E402
-from llm_safepref.recipes.evaluation import EvalPlan, RecipeError, resolve_eval_benchmark, run_evaluation  # noqa: E402
+from llm_safepref.recipes.evaluation import (  # noqa: E402
+    EvalPlan, RecipeError, resolve_eval_benchmark, run_base_evaluation, run_evaluation)
 
 __all__ = ["Recipe", "RecipeRun", "run_recipe", "model_init_kwargs", "load_train_dataset", "check_chat_template",
            "save_trained", "RATE_KEYS", "before_after_table"]
@@ -149,6 +155,7 @@ class RecipeRun:
         self.tokenizer = self.model_path = self.train_dataset = self.trainer = None
         self.before: dict | None = None
         self.after: dict | None = None
+        self.base_eval_cache: dict | None = None  # where `before` came from (run_metrics.json)
 
     @classmethod
     def parse(cls, recipe: Recipe, argv: list[str] | None = None) -> "RecipeRun":
@@ -185,7 +192,11 @@ class RecipeRun:
         """The base model (``trained=False``) or the trained one, on the plan's benchmark."""
         seed = self.training_args.seed
         if not trained:
-            return run_evaluation(self.eval_plan, self.script_args, self.model_path, seed=seed)
+            result, self.base_eval_cache = run_base_evaluation(self.eval_plan, self.script_args, self.model_path,
+                                                               seed=seed, revision=self.model_args.model_revision)
+            if self.base_eval_cache is not None:
+                print(_cache_line(self.base_eval_cache), flush=True)
+            return result
         adapter = str(self.output_dir) if self.model_args.use_peft else None
         model = self.model_path if adapter else str(self.output_dir)
         return run_evaluation(self.eval_plan, self.script_args, model, adapter=adapter, seed=seed)
@@ -229,6 +240,7 @@ class RecipeRun:
             eval_benchmark=self.eval_plan.benchmark,
             eval_benchmark_reason=self.eval_plan.reason,
             before=self.before,
+            base_eval_cache=self.base_eval_cache,
             after=self.after,
             final_train_loss=train_logs[-1]["loss"] if train_logs else None,
             global_step=self.trainer.state.global_step,
@@ -297,6 +309,17 @@ class RecipeRun:
         return code
 
 
+def _cache_line(record: dict) -> str:
+    """One line saying where the base model's evaluation came from."""
+    if record.get("hit"):
+        by = record.get("evaluated_by") or {}
+        return (f"Base evaluation: from the {record['source']} base-evaluation cache, {record['file']} (evaluated "
+                f"{by.get('date')} on {by.get('machine')}); --eval_base_cache false re-evaluates.")
+    if record.get("source") == "evaluated":
+        return f"Base evaluation: evaluated and stored in the cache, {record['file']}."
+    return f"Base evaluation: evaluated, not cached ({record.get('reason')})."
+
+
 def _card_row(rates: dict) -> dict:
     """The model card's row of one evaluation: each headline rate, its interval as text, and the prompt count."""
     from llm_safepref.core.tables import format_with_ci
@@ -342,8 +365,21 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run.before = run.evaluate()
+    if run.script_args.eval_base_only:
+        return _finish_base_only(run)
     run.build()
     run.train()
     run.save()
     run.after = run.evaluate(trained=True)
     return run.finish()
+
+
+def _finish_base_only(run: RecipeRun) -> int:
+    """``--eval_base_only``: the base rates and where they came from (main process); nothing trains."""
+    if run.is_main_process:
+        if run.before is None:
+            print("error: --eval_base_only with no evaluation benchmark (the run resolved --eval_benchmark to none)",
+                  file=sys.stderr)
+            return 2
+        print(before_after_table({"base": run.before}))
+    return 0
