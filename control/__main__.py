@@ -113,7 +113,7 @@ def _cmd_suite(args) -> int:
         return run_suite(args.tasks, args.methods, args.seeds, args.scale, args.out, backend=args.backend,
                          jobs=args.jobs, shard=args.shard, do_aggregate=args.aggregate, address=args.address,
                          data_dir=args.data_dir, data_seed=args.data_seed, work_dir=args.work_dir,
-                         overrides=args.set, command=args.command_line)
+                         overrides=args.set, command=args.command_line, ensemble=args.ensemble)
     except SuiteError as e:
         print(f"python -m control suite: error: {e}", file=sys.stderr)
         return 2
@@ -182,6 +182,9 @@ def build_parser() -> ToolParser:
                                                     "<out name>-<hash>); never inside results/")
     u.add_argument("--set", nargs="*", default=[], metavar="[METHOD:]FIELD=VALUE",
                    help="config overrides, e.g. steps=400 presa:objective.safety_delta=0.8")
+    u.add_argument("--ensemble", action="store_true",
+                   help="train the seeds of presa / cpl as one batched ensemble (control/learners/ensemble.py; on a "
+                        "CPU it pays off only at smoke sizes, see docs/control.md, Throughput)")
     return p
 
 
