@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env test train data judge eval bench clean-env
+.PHONY: env test train base-eval data judge eval bench clean-env
 
 env:
 	@scripts/setup_env.sh
@@ -16,13 +16,22 @@ test: env
 
 ## The README's main job: PRESA LoRA on the embedded model and embedded data (defaults:
 ## llm_safepref/recipes/configs/presa_lora.yaml; docs/recipes.md).
-## The benchmark is built once and cached (16–24 min on 2 CPU cores; 23.4 min in a fresh clone
-## on 2026-12-01); later runs skip it.
+## Nothing is built first: the benchmark ships inside the package (llm_safepref/data/built/;
+## `python -m llm_safepref.data build --verify` rebuilds it and checks it is identical), and so does the
+## base model's evaluation for these defaults at 2 threads (llm_safepref/recipes/base_eval/; read
+## instead of re-evaluating when every input matches: --eval_base_cache false to re-evaluate).
 ## accelerate gives a CPU process 1 thread unless told otherwise: use every core (THREADS=N to change).
 THREADS ?= $(shell nproc)
 train: env
-	$(PY) -m llm_safepref.data build
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(THREADS) recipes/presa_lora.py $(ARGS)
+
+## Re-produce the shipped base evaluation after a change that invalidates it (model, benchmark
+## prompts, evaluation settings, judge, library versions): make train's defaults at 2 threads,
+## base model only, then its cache entry is copied into llm_safepref/recipes/base_eval/ (commit it).
+base-eval: env
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process 2 recipes/presa_lora.py \
+		--eval_base_only true --output_dir outputs/base_eval_only $(ARGS)
+	$(PY) -m llm_safepref.recipes.base_eval ship outputs/base_eval_only/base_eval.json
 
 data: env
 	$(PY) -m llm_safepref.data build $(ARGS)

@@ -375,11 +375,18 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
 
 
 def _finish_base_only(run: RecipeRun) -> int:
-    """``--eval_base_only``: the base rates and where they came from (main process); nothing trains."""
+    """``--eval_base_only``: ``<output_dir>/base_eval.json`` (run record, where ``before`` came from, the
+    evaluation) and the base rates (main process); nothing trains."""
     if run.is_main_process:
         if run.before is None:
             print("error: --eval_base_only with no evaluation benchmark (the run resolved --eval_benchmark to none)",
                   file=sys.stderr)
             return 2
+        from llm_safepref.core.provenance import run_record, write_json
+
+        path = write_json(run.output_dir / "base_eval.json", run_record(
+            method="base", base_model=run.base_model, eval_benchmark=run.eval_plan.benchmark,
+            base_eval_cache=run.base_eval_cache, before=run.before))
         print(before_after_table({"base": run.before}))
+        print(f"wrote {path}")
     return 0

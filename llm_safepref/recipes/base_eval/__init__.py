@@ -21,8 +21,9 @@ Design decisions:
 * **Two places, in order**: ``cache_root()/base_eval/<key>.json`` (this machine's runs), then
   the copy shipped in the package (``llm_safepref/recipes/base_eval/<key>.json``), produced by this
   same code with ``make train``'s defaults at 2 threads
-  (``accelerate launch --num_cpu_threads_per_process 2 recipes/presa_lora.py --eval_base_only true``,
-  then copying the file here). A miss evaluates and stores in the user cache, never in the package.
+  (``make base-eval``: ``accelerate launch --num_cpu_threads_per_process 2 recipes/presa_lora.py
+  --eval_base_only true``, then :func:`ship` copies the entry here). A miss evaluates and stores in
+  the user cache, never in the package.
 * **Nothing is hidden**: the recipe's ``run_metrics.json`` gets ``base_eval_cache`` (``hit`` true /
   false, ``source`` user-cache / shipped / evaluated / disabled, the file, the key and the record
   of the run that evaluated it: command, git revision, date, machine), and the run prints one line.
@@ -43,7 +44,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["CACHE_VERSION", "SHIPPED_DIR", "benchmark_identity", "cache_key", "cached_base_evaluation",
-           "file_sha256", "judge_key", "key_material", "lookup", "model_files_fingerprint", "store", "user_cache_dir"]
+           "file_sha256", "judge_key", "key_material", "lookup", "model_files_fingerprint", "ship", "store",
+           "user_cache_dir"]
 
 #: Bump when the evaluation computes something different from the same inputs.
 CACHE_VERSION = 1
@@ -256,3 +258,43 @@ def cached_base_evaluation(evaluate: Callable[..., dict], *, model: str, use_cac
     result = evaluate(judge)
     path = store(key, record, result)
     return result, {"hit": False, "source": "evaluated", "file": str(path), "key": key, "stored": True}
+
+
+def ship(base_eval_file: str | os.PathLike, folder: Path | None = None) -> Path:
+    """Copy the cache entry named by an ``--eval_base_only`` run's ``base_eval.json`` into the package.
+
+    Refuses an entry the run did not key (cache off, or an uncacheable model or judge). An entry
+    read from the shipped copy is already there; its path is returned.
+    """
+    import shutil
+
+    record = json.loads(Path(base_eval_file).read_text()).get("base_eval_cache") or {}
+    if not record.get("key") or not record.get("file"):
+        raise ValueError(f"{base_eval_file}: base_eval_cache has no cache entry to ship ({record.get('source')}: "
+                         f"{record.get('reason')})")
+    source, target = Path(record["file"]), (folder or SHIPPED_DIR) / f"{record['key']}.json"
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llm_safepref.core.cli import ToolParser
+
+    parser = ToolParser(prog="python -m llm_safepref.recipes.base_eval",
+                        description="The base-evaluation cache: ship an --eval_base_only run's entry into the package, "
+                                    "or list the shipped entries.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_ship = sub.add_parser("ship", help="copy the entry of an --eval_base_only run into llm_safepref/recipes/base_eval/")
+    p_ship.add_argument("base_eval_json", help="<output_dir>/base_eval.json of the --eval_base_only run")
+    sub.add_parser("list", help="the shipped entries: key, benchmark, prompts, threads, date")
+    args = parser.parse_args(argv)
+    if args.command == "ship":
+        print(f"shipped {ship(args.base_eval_json)}")
+        return 0
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        entry = json.loads(path.read_text())
+        km = entry.get("key_material", {})
+        print(f"{path.name}: {km.get('benchmark', {}).get('version')} {km.get('split')}, "
+              f"{entry.get('result', {}).get('n_by_category')}, {km.get('torch_threads')} threads, {entry.get('date')}")
+    return 0
