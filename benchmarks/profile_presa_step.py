@@ -31,6 +31,10 @@ Design decisions:
   as ``make train`` runs (``accelerate launch --num_cpu_threads_per_process 2``). The machine's
   load (``/proc/loadavg``, as ``uptime`` prints it) is recorded at the start and the end: on a
   shared machine the absolute times move with it; the shares move much less.
+* ``OMP_WAIT_POLICY`` is recorded: on a machine whose cores other jobs share, OpenMP threads
+  that spin while they wait for a descheduled sibling make every parallel region wait (a 2-thread
+  evaluation ran 20x slower that way on 2026-12-01); ``PASSIVE`` changes how threads wait, never
+  how work is split, so the trained numbers (``train_log``) are the same.
 * Nothing is saved (``save_strategy no``, a temporary output folder); the results file carries the
   run record of :mod:`llm_safepref.core.provenance` (command, git revision, versions, machine, date).
 """
@@ -188,6 +192,10 @@ def profile(steps: int, warmup: int, threads: int, extra: list[str]) -> dict:
                     "completion_tokens_per_batch": summary([float(b["completion_tokens"]) for b in batches]),
                     "padding_fraction": round(1 - real / padded, 4) if padded else None},
         "per_step": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in records],
+        # What was trained: the same numbers whatever the timing (a check that a speed setting changed nothing).
+        "train_log": [{k: e[k] for k in ("step", "loss", "grad_norm", "lagrange/nu") if k in e}
+                      for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_start": load_start, "load_end": load_end, "uptime_start": uptime_start, "uptime_end": uptime_end,
         "recipe_args": argv,
     }
