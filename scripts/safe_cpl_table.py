@@ -118,10 +118,14 @@ def aggregate(args) -> dict:
                                     "goal_satisfaction_ci": [round(x, 4) for x in summary["ci"]],
                                     "goal_satisfaction_std": round(summary["std"], 4), "n_seeds": summary["n_seeds"],
                                     "n_cells": summary["n_prompts"]}
+    expected = ["task_only", "oracle", *(f"rc_{w:g}" for w in (0.25, 0.5, 0.75)), "dpo_pooled", "safe_cpl_search",
+                "safe_cpl_amortized", "safe_cpl_presa", *(f"rc_{w:g}_imbalanced" for w in (0.25, 0.5, 0.75)),
+                "safe_cpl_search_imbalanced", "safe_cpl_amortized_imbalanced"]
+    missing = [m for m in expected if m not in methods]
     timings = {f"{arm}_seed{seed}": rec.get("timings_s", {}).get("total_s") for (arm, seed), rec in records.items()}
     record = run_record(
-        methods=methods, personalization=personalization, seeds=list(args.seeds),
-        n_prompts=first["prompt_ids"] and len(first["prompt_ids"]),
+        methods=methods, personalization=personalization, seeds=list(args.seeds), missing_methods=missing,
+        n_prompts=len(first["task_only"]["prompt_ids"]),
         runs={f"{arm}_seed{seed}": str(runs / f"{arm}_seed{seed}.json") for (arm, seed) in records},
         run_commands={f"{arm}_seed{seed}": rec.get("command") for (arm, seed), rec in records.items()},
         timings_s=timings,
@@ -138,6 +142,8 @@ def aggregate(args) -> dict:
         md.append("Personalisation (held-out users, goal satisfaction): " + ", ".join(
             f"{k} {v['goal_satisfaction']:.3f} [{v['goal_satisfaction_ci'][0]:.3f}, {v['goal_satisfaction_ci'][1]:.3f}]"
             for k, v in personalization.items()))
+    if missing:
+        md.append(f"\nNot run yet (no result file of their arm in {runs}): {', '.join(missing)}.")
     out.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
     plot(methods, out.with_suffix(".png"))
     print(format_table(methods))
