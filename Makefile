@@ -4,6 +4,11 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+## OpenMP threads sleep instead of spinning while they wait: on cores that other jobs share, a
+## spinning thread holds up every parallel region while its sibling is descheduled (a 2-thread
+## evaluation ran 20x slower so, 2026-12-01). How threads wait, never how work is split: the
+## trained numbers are bit-identical (results/presa_step_profile.json, train_log). OMP_WAIT_POLICY=ACTIVE to change.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: env test train base-eval data judge eval bench clean-env
 
