@@ -44,6 +44,9 @@ def evaluation(harmful=(), refused=(), follows=(), *, outcomes=True, judge="judg
                                                   "limit_per_category": None},
           "constraint_following_rate": 0.5, "seconds": 2.0, "outcomes": {}, "counts": {}}
     for name, spec in PROMPT_RATES.items():
+        if not all(c in IDS for c in spec.categories):  # a category this benchmark lacks (contrast_harmful): null
+            ev[name] = None
+            continue
         per = {i: int(i in flags[spec.flag]) for c in spec.categories for i in IDS[c]}
         fields = rate_fields(name, per)
         ev["counts"][name] = fields.pop("_counts")
@@ -51,7 +54,7 @@ def evaluation(harmful=(), refused=(), follows=(), *, outcomes=True, judge="judg
         ev["outcomes"][name] = per
     if not outcomes:
         for key in ("outcomes", "counts", *(f"{n}_ci" for n in PROMPT_RATES)):
-            ev.pop(key)
+            ev.pop(key, None)
     return ev
 
 
