@@ -96,6 +96,33 @@ def _peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+def train_timed(trainer, warmup: int) -> list[float]:
+    """Train, timing every optimiser step (``on_step_begin`` -> ``on_step_end``, CUDA synchronised); the steps
+    after the first ``warmup`` ones, in seconds. Resets the CUDA peak-memory counter first."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(Timer())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return times[warmup:]
+
+
 def worker(args) -> dict:
     """One (model, method) run in this process; returns its figures (printed as a JSON line)."""
     import torch
@@ -103,7 +130,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from llm_safepref.methods.presa import PresaConfig, PresaTrainer
@@ -152,25 +179,8 @@ def worker(args) -> dict:
         trainer = PresaTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
                                processing_class=tokenizer, peft_config=lora)
 
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(Timer())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     base_mem = _peak_memory_bytes()
-    trainer.train()
-    timed = times[args.warmup:]
+    timed = train_timed(trainer, args.warmup)
     n_tokens = sum(len(tokenizer(r["prompt"] + r["chosen"]).input_ids) + len(tokenizer(r["prompt"] + r["rejected"]).input_ids)
                    for r in pairs[args.warmup * args.batch:])
     return {
@@ -214,29 +224,40 @@ def _worker_command(args, model: str, method: str) -> list[str]:
             "--exclude_safe_rejected", str(args.exclude_safe_rejected), "--threads", str(args.threads)]
 
 
+def interleaved_rounds(methods, rounds: int, command_of, env: dict, ratios_of, *, label: str = ""):
+    """``rounds`` rounds, each running every method's worker subprocess once in a seeded shuffled order.
+
+    ``command_of(method)``: the worker's argv (it prints its figures as a JSON line); ``ratios_of(round)``: the
+    round's ratios from ``{method: figures}``. Returns ``({method: [figures per round]}, [ratios per round])``.
+    """
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    per_round: list[dict[str, float]] = []
+    for rnd in range(rounds):
+        order = list(methods)
+        random.Random(rnd).shuffle(order)
+        this_round = {}
+        for method in order:
+            cmd = command_of(method)
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            if out.returncode != 0:
+                sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+                raise SystemExit(f"worker failed: {' '.join(cmd)}")
+            line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
+            this_round[method] = {**json.loads(line), "round": rnd, "order": order.index(method)}
+            runs[method].append(this_round[method])
+            print(f"[{label}] round {rnd} {method}: {this_round[method]['step_time_s']:.3f} s/step", flush=True)
+        per_round.append(ratios_of(this_round))
+    return runs, per_round
+
+
 def orchestrate(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = {}
     for model in args.models:
-        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-        per_round: list[dict[str, float]] = []
-        for rnd in range(args.rounds):
-            order = list(METHODS)
-            random.Random(rnd).shuffle(order)
-            this_round = {}
-            for method in order:
-                cmd = _worker_command(args, model, method)
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-                if out.returncode != 0:
-                    sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-                    raise SystemExit(f"worker failed: {' '.join(cmd)}")
-                line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
-                this_round[method] = {**json.loads(line), "round": rnd, "order": order.index(method)}
-                runs[method].append(this_round[method])
-                print(f"[{model}] round {rnd} {method}: {this_round[method]['step_time_s']:.3f} s/step", flush=True)
-            per_round.append(round_ratios(this_round))
+        runs, per_round = interleaved_rounds(METHODS, args.rounds, lambda m: _worker_command(args, model, m), env,
+                                             round_ratios, label=model)
         spreads = {name: spread([r[name] for r in per_round]) for name in RATIOS}
         results[model] = {
             "model": model,

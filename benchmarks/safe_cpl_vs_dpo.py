@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.presa_vs_dpo import PROTOCOL_ROUNDS, PROTOCOL_THREADS, _peak_memory_bytes, _synthetic_pairs, \
-    spread  # noqa: E402
+    interleaved_rounds, spread, train_timed  # noqa: E402
 from llm_safepref._runtime import offline_defaults  # noqa: E402
 from llm_safepref.core.cli import ToolParser  # noqa: E402
 from llm_safepref.core.provenance import run_record, write_json  # noqa: E402
@@ -52,7 +50,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from llm_safepref.methods.safe_cpl import SafeCPLConfig, SafeCPLTrainer
@@ -85,24 +83,7 @@ def worker(args) -> dict:
         trainer = SafeCPLTrainer(model, args=config, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer, peft_config=lora)
     setup_s = time.perf_counter() - t0
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(Timer())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    timed = times[args.warmup:]
+    timed = train_timed(trainer, args.warmup)
     return {"model": args.model, "method": args.method, "step_time_s": statistics.median(timed),
             "step_times_s": timed, "peak_memory_bytes": _peak_memory_bytes(), "setup_s": round(setup_s, 2),
             "device": ("cuda:" + torch.cuda.get_device_name(0)) if cuda else "cpu",
@@ -116,6 +97,12 @@ def _worker_command(args, model: str, method: str) -> list[str]:
             "--tmp", args.tmp, "--threads", str(args.threads)]
 
 
+def round_ratios(run: dict[str, dict]) -> dict[str, float]:
+    """Safe-CPL against DPO within one round."""
+    return {"step_time_ratio": run["safe_cpl"]["step_time_s"] / run["dpo"]["step_time_s"],
+            "peak_memory_ratio": run["safe_cpl"]["peak_memory_bytes"] / run["dpo"]["peak_memory_bytes"]}
+
+
 def orchestrate(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
@@ -123,26 +110,8 @@ def orchestrate(args) -> dict:
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = {}
     for model in args.models:
-        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-        per_round = []
-        for rnd in range(args.rounds):
-            order = list(METHODS)
-            random.Random(rnd).shuffle(order)
-            this_round = {}
-            for method in order:
-                cmd = _worker_command(args, model, method)
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-                if out.returncode != 0:
-                    sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-                    raise SystemExit(f"worker failed: {' '.join(cmd)}")
-                line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
-                this_round[method] = {**json.loads(line), "round": rnd, "order": order.index(method)}
-                runs[method].append(this_round[method])
-                print(f"[{model}] round {rnd} {method}: {this_round[method]['step_time_s']:.3f} s/step", flush=True)
-            per_round.append({
-                "step_time_ratio": this_round["safe_cpl"]["step_time_s"] / this_round["dpo"]["step_time_s"],
-                "peak_memory_ratio": this_round["safe_cpl"]["peak_memory_bytes"] / this_round["dpo"]["peak_memory_bytes"],
-            })
+        runs, per_round = interleaved_rounds(METHODS, args.rounds, lambda m: _worker_command(args, model, m), env,
+                                             round_ratios, label=model)
         spreads = {name: spread([r[name] for r in per_round]) for name in RATIOS}
         results[model] = {
             "model": model,
