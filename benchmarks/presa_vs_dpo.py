@@ -96,6 +96,25 @@ def _peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+def load_bench_model(args):
+    """``(model, tokenizer, cuda)`` of ``args.model`` ('tiny', 'embedded', an id or a path): bf16 on a GPU, fp32
+    on a CPU, a pad token set, torch seeded 0 and set to ``args.threads`` threads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_safepref.models import build_tiny_model, resolve_model_name
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = str(build_tiny_model()) if args.model == "tiny" else resolve_model_name(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    return model, tokenizer, cuda
+
+
 def train_timed(trainer, warmup: int) -> list[float]:
     """Train, timing every optimiser step (``on_step_begin`` -> ``on_step_end``, CUDA synchronised); the steps
     after the first ``warmup`` ones, in seconds. Resets the CUDA peak-memory counter first."""
@@ -130,19 +149,11 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from llm_safepref.methods.presa import PresaConfig, PresaTrainer
-    from llm_safepref.models import build_tiny_model, resolve_model_name
 
-    torch.manual_seed(0)
-    path = str(build_tiny_model()) if args.model == "tiny" else resolve_model_name(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model, tokenizer, cuda = load_bench_model(args)
     steps = args.warmup + args.steps
     pairs = _synthetic_pairs(args.batch * steps, seed=0, prompt_words=args.prompt_words, response_words=args.response_words)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")

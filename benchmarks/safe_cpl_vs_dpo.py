@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.presa_vs_dpo import PROTOCOL_ROUNDS, PROTOCOL_THREADS, _peak_memory_bytes, _synthetic_pairs, \
-    interleaved_rounds, spread, train_timed  # noqa: E402
+    interleaved_rounds, load_bench_model, spread, train_timed  # noqa: E402
 from llm_safepref._runtime import offline_defaults  # noqa: E402
 from llm_safepref.core.cli import ToolParser  # noqa: E402
 from llm_safepref.core.provenance import run_record, write_json  # noqa: E402
@@ -50,19 +50,11 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from llm_safepref.methods.safe_cpl import SafeCPLConfig, SafeCPLTrainer
-    from llm_safepref.models import build_tiny_model, resolve_model_name
 
-    torch.manual_seed(0)
-    path = str(build_tiny_model()) if args.model == "tiny" else resolve_model_name(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model, tokenizer, cuda = load_bench_model(args)
     steps = args.warmup + args.steps
     n = max(args.batch * steps, N_USERS * 12)
     pairs = _synthetic_pairs(n, seed=0, prompt_words=args.prompt_words, response_words=args.response_words)
