@@ -88,7 +88,7 @@ def aggregate(args) -> dict:
     per_method: dict[str, list[dict]] = {}
     records = {}
     for seed in args.seeds:
-        for arm in args.arms:
+        for arm in ARMS:  # every arm's finished runs, whichever --arms ran this time
             path = runs / f"{arm}_seed{seed}.json"
             if not path.exists():
                 continue
@@ -99,7 +99,8 @@ def aggregate(args) -> dict:
                 if name is not None:
                     per_method.setdefault(name, []).append(outcomes)
     if ("main", args.seeds[0]) not in records:
-        raise SystemExit(f"no main run of seed {args.seeds[0]} in {runs}: run without --aggregate_only first")
+        raise SystemExit(f"no main run of seed {args.seeds[0]} in {runs} (it holds the reference methods): run "
+                         f"`python scripts/safe_cpl_table.py --seeds {args.seeds[0]} --arms main` first")
     first = records[("main", args.seeds[0])]["outcomes"]
     oracle, task_only = first["oracle"], first["task_only"]
     methods = {}
