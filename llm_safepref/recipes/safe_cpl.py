@@ -39,10 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from trl import ScriptArguments  # noqa: E402
 
-__all__ = ["SafeCPLRecipeArguments", "SafeCPLRecipeRun", "run_safe_cpl_recipe", "DOWNSTREAM_METHODS"]
-
-#: Methods of the quick recipe's table (the full table adds dpo_pooled, safe_cpl_presa, imbalance runs).
-DOWNSTREAM_METHODS = ("task_only", "oracle", "rc", "safe_cpl_search", "safe_cpl_amortized")
+__all__ = ["SafeCPLRecipeArguments", "SafeCPLRecipeRun", "run_safe_cpl_recipe"]
 
 
 @dataclass
