@@ -134,10 +134,12 @@ def judge_key(judge) -> dict[str, Any] | None:
 
 
 def _library_versions() -> dict[str, str | None]:
-    import platform
+    """The key's library versions: the core's ``library_versions`` over the key libraries and the judge encoder's
+    distribution(s)."""
     from importlib import metadata
 
-    versions: dict[str, str | None] = {"python": platform.python_version()}
+    from llm_safepref.core.provenance import library_versions
+
     names = list(_KEY_LIBRARIES)
     try:
         from llm_safepref.judge import _ENCODER_PACKAGE
@@ -145,12 +147,7 @@ def _library_versions() -> dict[str, str | None]:
         names += metadata.packages_distributions().get(_ENCODER_PACKAGE, [])
     except ImportError:
         pass
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return library_versions(tuple(names))
 
 
 def key_material(*, model: str, benchmark: str, split: str, limit: int | None, limit_per_category: int | None,
