@@ -257,6 +257,9 @@ def test_presa_recipe_end_to_end(tiny_model_path, tmp_path):
 
     assert metrics["lock_sha256"] == lock_hash() and metrics["versions"]["trl"] == "1.16.0"
     assert metrics["git_revision"] and metrics["eval_benchmark"] is None and metrics["before"] is None
+    # The defaults memoise the reference's sums (a LoRA policy on a local base model): every step counted.
+    cache = metrics["reference_cache"]
+    assert cache["enabled"] is True and cache["hits"] + cache["misses"] == 3 and len(cache["key"]) == 20
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -241,6 +241,8 @@ class RecipeRun:
             eval_benchmark_reason=self.eval_plan.reason,
             before=self.before,
             base_eval_cache=self.base_eval_cache,
+            reference_cache=(self.trainer.reference_cache_report()
+                             if hasattr(self.trainer, "reference_cache_report") else None),
             after=self.after,
             final_train_loss=train_logs[-1]["loss"] if train_logs else None,
             global_step=self.trainer.state.global_step,

@@ -65,6 +65,16 @@ class LabelledPreferenceConfig(DPOConfig):
         metadata={"help": "Log every X optimiser steps (default 1, so that lagrange/nu is logged every step)."},
     )
 
+    reference_logps_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Memoise the reference's per-batch log-prob sums on disk (llm_safepref.methods.base."
+            "reference_cache): a batch seen before (same tensors, same frozen base model, threads and libraries) "
+            "skips the reference forward, bit-identically. Used only where exact (a PEFT policy whose reference "
+            "is the base model, no dropout, inputs not conditioned); hits and misses go to run_metrics.json."
+        },
+    )
+
     # ---------------------------------------------------------------- Lagrange multiplier
     nu_init: float = field(
         default=1.0,

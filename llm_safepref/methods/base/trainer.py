@@ -466,6 +466,63 @@ class LabelledPreferenceTrainer(DPOTrainer):
         # Prompt-learning PEFT and conditioning hooks prepend positions: keep the last T-1.
         return outputs.log_probs[:, -seq_len:].sum(dim=1)
 
+    # ------------------------------------------------------------------ reference cache
+
+    def _reference_cache_reason(self) -> str | None:
+        """Why the reference's sums cannot be memoised exactly here (None: they can)."""
+        if self.ref_model is not None:
+            return "the reference is a separate model"
+        if not self._policy_is_peft():
+            return "the policy is not a PEFT model (its reference is not the frozen base model)"
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if "ref" in unwrapped.peft_config:
+            return "the reference is a 'ref' adapter"
+        if type(self).condition_model_inputs is not LabelledPreferenceTrainer.condition_model_inputs:
+            return f"{type(self).__name__} conditions the model's inputs (the reference's inputs are not the batch's)"
+        active = [n for n, m in unwrapped.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0
+                  and "lora_dropout" not in n]  # LoRA dropout is off with the adapter
+        config = unwrapped.get_base_model().config
+        if active or any(getattr(config, k, 0) or 0 for k in ("attention_dropout", "hidden_dropout", "dropout")):
+            return "the base model has active dropout (its reference forward is random)"
+        from llm_safepref.core.fingerprint import local_model_folder
+
+        if local_model_folder(config._name_or_path) is None:
+            return f"the base model {config._name_or_path!r} is not a local folder (nothing to fingerprint)"
+        return None
+
+    def _reference_cache(self):
+        """The :class:`~llm_safepref.methods.base.reference_cache.ReferenceLogpsCache` of this run, or None."""
+        state = getattr(self, "_ref_cache_state", None)
+        if state is not None:
+            return state[0]
+        cache, reason = None, None
+        if not getattr(self.args, "reference_logps_cache", False):
+            reason = "reference_logps_cache: false"
+        else:
+            reason = self._reference_cache_reason()
+        if reason is None:
+            from llm_safepref.core.fingerprint import local_model_folder
+            from llm_safepref.core.provenance import run_record
+            from llm_safepref.methods.base.reference_cache import ReferenceLogpsCache, key_material
+
+            base = self.accelerator.unwrap_model(self.model).get_base_model()
+            autocast = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else None
+            record = key_material(local_model_folder(base.config._name_or_path), base, autocast=autocast,
+                                  device_type=self.accelerator.device.type)
+            provenance = {k: v for k, v in run_record().items() if k in ("command", "git_revision", "date", "machine")}
+            cache = ReferenceLogpsCache(record, rank=self.accelerator.process_index, provenance=provenance)
+        self._ref_cache_state = (cache, reason)
+        return cache
+
+    def reference_cache_report(self) -> dict[str, Any]:
+        """Hits and misses of the reference cache (``run_metrics.json``: ``reference_cache``)."""
+        state = getattr(self, "_ref_cache_state", None)
+        if state is None:
+            self._reference_cache()
+            state = self._ref_cache_state
+        cache, reason = state
+        return cache.report() if cache is not None else {"enabled": False, "reason": reason}
+
     def compute_ref_log_probs(self, model, inputs):
         # TRL's precompute pass (its batches come from our collator) and anyone calling it:
         # the same reference forward as in training, under autocast as TRL's.
@@ -490,7 +547,12 @@ class LabelledPreferenceTrainer(DPOTrainer):
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps)
         else:
-            ref_logps = self._reference_logps(model_kwargs, labels)
+            cache = self._reference_cache()
+            ref_logps = cache.get(model_kwargs, logps.device) if cache is not None else None
+            if ref_logps is None:
+                ref_logps = self._reference_logps(model_kwargs, labels)
+                if cache is not None:
+                    cache.put(model_kwargs, ref_logps)
         pair = PairForward(logps=logps, ref_logps=ref_logps, labels=labels, outputs=outputs,
                            completion_mask=inputs["completion_mask"][:, 1:], mode=mode)
 

@@ -43,6 +43,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from llm_safepref.core.fingerprint import cache_key, file_sha256, model_files_fingerprint
+from llm_safepref.core.fingerprint import local_model_folder as _local_model_folder
+
 __all__ = ["CACHE_VERSION", "SHIPPED_DIR", "benchmark_identity", "cache_key", "cached_base_evaluation",
            "file_sha256", "judge_key", "key_material", "lookup", "model_files_fingerprint", "ship", "store",
            "user_cache_dir"]
@@ -51,44 +54,14 @@ __all__ = ["CACHE_VERSION", "SHIPPED_DIR", "benchmark_identity", "cache_key", "c
 CACHE_VERSION = 1
 #: The shipped entries (package data).
 SHIPPED_DIR = Path(__file__).resolve().parent
-#: Files of a model folder that shape its answers (weights, configs, tokenizer, chat template).
-_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken")
-#: Files of a model folder that name where it came from, not what it computes.
-_MODEL_FILES_IGNORED = ("llm_safepref_conversion.json", "tiny_model.json", "training_args.bin", "README.md")
 #: Libraries between the weights and the verdicts (distribution names).
 _KEY_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
-def _local_model_folder(model: str, revision: str | None = None) -> Path | None:
-    """The folder holding ``model``: itself when local, else its snapshot in the local Hub cache (or None)."""
-    if Path(model).is_dir():
-        return Path(model)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, revision=revision, local_files_only=True))
-    except Exception:  # not cached locally, or not a Hub id: no fingerprint, hence no cache
-        return None
 
 
-def model_files_fingerprint(folder: str | os.PathLike) -> dict[str, str]:
-    """``{file name: sha256}`` of the files of a model folder that shape its answers (top level, sorted)."""
-    folder = Path(folder)
-    out = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.endswith(_MODEL_FILE_SUFFIXES) and path.name not in _MODEL_FILES_IGNORED:
-            out[path.name] = file_sha256(path)
-    if not any(name.endswith((".safetensors", ".bin")) for name in out):
-        raise ValueError(f"{folder}: no weight file (*.safetensors / *.bin) to fingerprint")
-    return out
 
 
 def benchmark_identity(benchmark: str, split: str) -> dict[str, Any]:
@@ -183,10 +156,6 @@ def key_material(*, model: str, benchmark: str, split: str, limit: int | None, l
     return record, None
 
 
-def cache_key(record: dict[str, Any]) -> str:
-    """First 20 hex digits of sha256 over the record as canonical JSON (sorted keys, no spaces)."""
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def user_cache_dir() -> Path:
