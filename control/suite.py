@@ -608,6 +608,11 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
                  "dsrl_normalized_reward": "(R - R_min) / (R_max - R_min), references from the dataset's episodes",
                  "dsrl_normalized_cost": "C / kappa"},
              "validation_criterion": summarize_validation([])["criterion"]}
+    # The views (methods -> name -> tasks / average), the paper's row, presa_table.json, the plots.
+    from control.tables import write_paper_outputs
+
+    table["method_order"] = method_order
+    paper_md = write_paper_outputs(out, table, rows, by, command=table["command"])
     write_json(out / "table.json", table)
     headers = ["task", "method", "normalized reward", "normalized cost", "DSRL reward", "DSRL cost", "seeds",
                "validation"]
@@ -624,7 +629,8 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
           f"Mean ± std over seeds; normalized reward = reward ÷ Oracle's, normalized cost = cost ÷ Task-only's "
           f"(paper form); DSRL: (R − R_min)/(R_max − R_min) and C/κ.\n\n"
           + markdown_table(headers, md_rows, align=["l", "l", "r", "r", "r", "r", "r", "l"])
-          + f"\n\nValidation: {table['validation_criterion']} (`control/learners/validation.py`)."
+          + "\n" + paper_md
+          + f"\nValidation: {table['validation_criterion']} (`control/learners/validation.py`)."
           + f"\n\nCommand: `{table['command']}`  \nRevision {table['git_revision']}, {table['machine']}, "
             f"{table['date']}.\n")
     tmp = out / "table.md.tmp"

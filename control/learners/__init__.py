@@ -64,7 +64,8 @@ from control.learners.validation import read_validation, summarize_validation
 
 __all__ = ["MethodSpec", "METHODS", "ARTEFACTS", "method_names", "get_method", "default_config", "apply_overrides",
            "artefact_files", "artefact_keyword", "train", "train_ensemble", "ENSEMBLE_METHODS", "train_artefact",
-           "load_task_dataset", "MissingDataset", "data_version", "CheckpointMismatch", "build_command"]
+           "load_task_dataset", "MissingDataset", "data_version", "CheckpointMismatch", "build_command",
+           "THRESHOLD_SCALES", "THRESHOLD_METHODS", "threshold_arm"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,25 @@ METHODS.update({
     "safe_vpl_imbalanced": dataclasses.replace(
         METHODS["safe_vpl"], name="safe_vpl_imbalanced", task_defaults=_IMBALANCED,
         description="Safe-VPL on an imbalanced crowd (user 0 labels 4x as often)"),
+})
+
+#: The PRESA table's cost thresholds: kappa x each scale. The base method is the scale-1 arm.
+THRESHOLD_SCALES = (0.5, 1.0, 2.0)
+#: The methods whose training reads the threshold (CPL-only does not: its one run is judged at every threshold).
+THRESHOLD_METHODS = ("presa", "bc_safe", "td3bc_lag")
+
+
+def threshold_arm(method: str, scale: float) -> str:
+    """The method name of ``method`` at threshold kappa x ``scale`` (``presa_k0.5``; ``presa`` at 1)."""
+    return method if scale == 1.0 else f"{method}_k{scale:g}"
+
+
+#: The threshold arms ``<method>_k<s>``: the same learner with ``cost_threshold_scale`` = s.
+METHODS.update({
+    threshold_arm(m, s): dataclasses.replace(
+        METHODS[m], name=threshold_arm(m, s), defaults=(*METHODS[m].defaults, ("cost_threshold_scale", s)),
+        description=f"{METHODS[m].description}, cost threshold kappa x {s:g}")
+    for m in THRESHOLD_METHODS for s in THRESHOLD_SCALES if s != 1.0
 })
 
 #: Shared artefacts: name -> (learner class, config factory, the artefacts they need, keyword they provide).

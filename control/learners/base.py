@@ -102,6 +102,10 @@ class LearnerConfig:
     validate_goals: int = field(default=4, metadata={"help": "Held-out downstream goals of each validation (not the "
                                                              "final evaluation's)."})
     validate_episodes: int = field(default=1, metadata={"help": "Episodes per goal of each validation."})
+    cost_threshold_scale: float = field(default=1.0, metadata={
+        "help": "The cost threshold is the task's kappa x this (PRESA's safety labels, BC-safe's kept windows, "
+                "the ground-truth-cost baseline's budget; the threshold arms <method>_k<s>). Methods that read no "
+                "threshold ignore it; the evaluation is always normalised by kappa itself (C / kappa)."})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "hidden", "layers", "eval_goals", "eval_episodes", "eval_n_envs",
@@ -110,6 +114,8 @@ class LearnerConfig:
                 raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"{type(self).__name__}.lr must be > 0, got {self.lr}")
+        if not self.cost_threshold_scale > 0:
+            raise ValueError(f"{type(self).__name__}.cost_threshold_scale must be > 0, got {self.cost_threshold_scale}")
         if self.validate_every < 0:
             raise ValueError(f"{type(self).__name__}.validate_every must be >= 0 (0: no validation), got "
                              f"{self.validate_every}")

@@ -79,7 +79,10 @@ class BCSafeLearner(Learner):
     def __init__(self, config: BCSafeConfig, ds: Dataset, seed: int):
         super().__init__(config, ds, seed)
         spec = self.spec
-        self.rows, self.counts = safe_rows(ds, config.segment_length, config.cost_threshold)
+        threshold = config.cost_threshold
+        if threshold is None and config.cost_threshold_scale != 1.0:
+            threshold = segment_cost_threshold(ds, config.segment_length) * config.cost_threshold_scale
+        self.rows, self.counts = safe_rows(ds, config.segment_length, threshold)
         if len(self.rows) == 0:
             raise ValueError(f"{spec.name}: no {config.segment_length}-step window has cost <= "
                              f"{self.counts['threshold']:.3g}; BC-safe has nothing to clone")

@@ -48,7 +48,7 @@ from llm_safepref.core.schema import CHOSEN, REJECTED, Metric
 __all__ = ["ENSEMBLE_METHODS", "PresaEnsemble", "run_ensemble"]
 
 #: Methods whose seeds can train as one ensemble (their learners are ``PresaLearner`` s).
-ENSEMBLE_METHODS = ("presa", "cpl")
+ENSEMBLE_METHODS = ("presa", "cpl", "presa_k0.5", "presa_k2")
 
 
 class PresaEnsemble:

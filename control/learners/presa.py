@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from control.data import Dataset
-from control.feedback import PresaFeedbackConfig, gather_segments, make_presa_feedback
+from control.feedback import PresaFeedbackConfig, gather_segments, make_presa_feedback, segment_cost_threshold
 from control.learners.base import (GoalConditionedPolicy, Learner, LearnerConfig, dataset_obs_stats, goal_scale,
                                    train_goals)
 from control.objectives import PresaControlConfig, PresaSegmentObjective
@@ -95,6 +95,9 @@ def presa_feedback_for_goals(ds: Dataset, goals: np.ndarray, cfg: PresaLearnerCo
     Returns its columns concatenated plus ``goal`` (P, goal_dim).
     """
     n_goals = len(goals)
+    # kappa L / T, scaled by the threshold arm's factor (None: the feedback module's own default).
+    threshold = (None if cfg.cost_threshold_scale == 1.0
+                 else segment_cost_threshold(ds, cfg.segment_length) * cfg.cost_threshold_scale)
     counts = np.full(n_goals, cfg.n_pairs // n_goals)
     counts[: cfg.n_pairs % n_goals] += 1
     parts = []
@@ -105,7 +108,7 @@ def presa_feedback_for_goals(ds: Dataset, goals: np.ndarray, cfg: PresaLearnerCo
         view = Dataset({**ds.arrays, "rewards": np.broadcast_to(r[:, None], ds["rewards"].shape)}, ds.meta)
         fb = make_presa_feedback(view, PresaFeedbackConfig(
             n_pairs=int(n), segment_length=cfg.segment_length, goal_id=0, beta=cfg.feedback_beta,
-            label_noise=cfg.label_noise, seed=seed * 100_003 + gi))
+            label_noise=cfg.label_noise, seed=seed * 100_003 + gi, cost_threshold=threshold))
         fb["goal"] = np.broadcast_to(goal, (int(n), len(goal))).copy()
         parts.append(fb)
     keys = [k for k in parts[0] if np.ndim(parts[0][k]) >= 1]

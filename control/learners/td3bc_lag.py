@@ -74,7 +74,8 @@ class TD3BCLagLearner(TD3BCLearner):
         self.modules.update({"qc1": self.qc1, "qc2": self.qc2, "qc1_target": self.qc1_t, "qc2_target": self.qc2_t})
         self.optimizers["cost_critic"] = torch.optim.Adam([*self.qc1.parameters(), *self.qc2.parameters()],
                                                           lr=config.lr)
-        kappa = self.spec.cost_threshold if config.cost_budget is None else config.cost_budget
+        kappa = (self.spec.cost_threshold * config.cost_threshold_scale if config.cost_budget is None
+                 else config.cost_budget)
         self.episode_budget = float(kappa)
         self.budget = discounted_budget(kappa, config.gamma, int(ds.meta["max_episode_steps"]))
         if config.multiplier == "pid":

@@ -244,6 +244,55 @@ def test_aggregate_normalisations_by_hand(tmp_path):
         (tmp_path / "table.md").read_text()
 
 
+def test_issue_views_presa_table_and_plots_by_hand(tmp_path):
+    """table.json's methods -> name -> tasks / average, the paper's row and goals; presa_table.json by hand."""
+    from control.tables import PAPER_AVERAGE
+
+    for seed in (0, 1):
+        _write_run(tmp_path, "run", "oracle", seed, 0.8, 0.0, 10)
+        _write_run(tmp_path, "run", "task_only", seed, 0.9, 20.0, 10)  # C / kappa = 2: unsafe
+        _write_run(tmp_path, "run", "safe_cpl", seed, 0.76, 0.8, 10)  # reward 0.95, cost 0.04
+        for w, (r, c) in {"0.25": (0.85, 10.0), "0.5": (0.7, 4.0), "0.75": (0.6, 2.0)}.items():
+            _write_run(tmp_path, "run", f"rc_{w}", seed, r, c, 10)
+        _write_run(tmp_path, "run", "rc_0.5_imbalanced", seed, 0.7, 8.0, 10)
+        # PRESA at kappa x 0.5 / 1 / 2 with cost 6: safe only at x1 (6 <= 10) and x2; ground-truth baseline
+        # cost 12: safe only at x2; CPL cost 4 (one run, judged at every threshold): safe at all three.
+        for arm in ("presa_k0.5", "presa", "presa_k2"):
+            _write_run(tmp_path, "run", arm, seed, 0.6, 6.0, 10)
+        for arm in ("td3bc_lag_k0.5", "td3bc_lag", "td3bc_lag_k2"):
+            _write_run(tmp_path, "run", arm, seed, 0.7, 12.0, 10)
+        _write_run(tmp_path, "run", "cpl", seed, 0.5, 4.0, 10)
+    table = aggregate(tmp_path, command="by hand", say=lambda m: None)
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["methods"] == json.loads(json.dumps(table["methods"]))
+    cpl = saved["methods"]["safe_cpl"]
+    assert set(cpl) == {"tasks", "average"} and cpl["tasks"]["run"]["n_seeds"] == 2
+    assert cpl["tasks"]["run"]["normalized_reward"] == pytest.approx(0.95)
+    assert cpl["average"]["normalized_cost"] == pytest.approx(0.04) and cpl["average"]["normalized_cost_std"] == 0
+    assert all(f + "_std" in cpl["average"] for f in TABLE_FIELDS)
+    assert saved["paper_average"] == PAPER_AVERAGE and saved["method_order"][0] == "presa"
+    goals = saved["goals"]
+    assert goals["safe_cpl_cost_at_most_0.05"] and goals["safe_cpl_reward_at_least_0.85"]
+    assert goals["task_only_unsafe"] and goals["rc_worse_than_safe_cpl_on_frontier"]
+    assert goals["rc_degrades_under_imbalance"] and goals["safe_cpl_imbalanced_cost_at_most_0.05"] is None
+    pt = json.loads((tmp_path / "presa_table.json").read_text())
+    assert pt["gt_cost_baseline"] == "td3bc_lag" and pt["thresholds"] == [0.5, 1.0, 2.0]
+    assert pt["command"] == "by hand" and pt["missing"] == ["bc_safe_k0.5", "bc_safe", "bc_safe_k2"]
+    presa, gt, cpl_only = pt["methods"]["presa"], pt["methods"]["td3bc_lag"], pt["methods"]["cpl"]
+    assert presa["n_runs"] == 6 and presa["safe_fraction"] == pytest.approx(4 / 6)
+    assert presa["by_threshold"]["0.5"]["safe_fraction"] == 0 and presa["by_threshold"]["2"]["safe_fraction"] == 1
+    # Cost against each run's own threshold: 6/5, 6/10, 6/20.
+    assert presa["dsrl_normalized_cost"] == pytest.approx((1.2 + 0.6 + 0.3) / 3)
+    assert gt["safe_fraction"] == pytest.approx(2 / 6) and cpl_only["safe_fraction"] == 1 and cpl_only["n_runs"] == 6
+    assert pt["goals"]["presa_safe_at_least_as_often_as_gt_cost_baseline"] is True
+    assert pt["goals"]["presa_reward_above_bc_safe"] is None  # BC-safe did not run
+    for png in ("reward_cost_frontier.png", "presa_safe_fraction.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "table.md").read_text()
+    assert "## Average row against the paper" in md and "| safe_cpl | 0.950 ± 0.000 | 0.92 |" in md.replace("0.920", "0.92")
+    assert "| presa | 0.667 [" in (tmp_path / "presa_table.md").read_text()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
