@@ -214,6 +214,31 @@ def test_the_imbalance_arms_share_one_setting():
     assert default_config("rc_0.5_imbalanced", "run", "smoke").weight == 0.5
 
 
+def test_threshold_arms_scale_the_threshold_each_method_reads(smoke_dataset):
+    """presa_k<s>: safety labels at s x kappa L / T; bc_safe_k<s>: kept windows; td3bc_lag_k<s>: the budget."""
+    from control.feedback import segment_cost_threshold
+    from control.learners import THRESHOLD_METHODS, THRESHOLD_SCALES, threshold_arm
+
+    ds = smoke_dataset("run")
+    assert threshold_arm("presa", 1.0) == "presa" and threshold_arm("presa", 0.5) == "presa_k0.5"
+    for method in THRESHOLD_METHODS:
+        for scale in THRESHOLD_SCALES:
+            arm = threshold_arm(method, scale)
+            cfg = default_config(arm, "run", "smoke")
+            assert cfg.cost_threshold_scale == scale
+            learner = METHODS[arm].learner(cfg, ds, 0)
+            info = learner.info()
+            if method == "presa":
+                base = segment_cost_threshold(ds, cfg.segment_length)
+                assert info["segment_cost_threshold"] == pytest.approx(base * scale)
+            elif method == "bc_safe":
+                assert learner.counts["threshold"] == pytest.approx(segment_cost_threshold(ds, cfg.segment_length) * scale)
+            else:
+                assert info["episode_cost_budget"] == pytest.approx(ds.spec.cost_threshold * scale)
+    with pytest.raises(ValueError, match="cost_threshold_scale must be > 0"):
+        default_config("presa", "run", "smoke", {"cost_threshold_scale": 0})
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_logs_checkpoints_and_evaluates(method, smoke_dataset, control_data_dir,
                                                             artefact_dirs, tmp_path):
