@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from control.feedback import segment_sums
-from control.learners import (ARTEFACTS, METHODS, CheckpointMismatch, apply_overrides, artefact_files, default_config,
-                              train, train_artefact)
+from control.learners import (ARTEFACTS, METHODS, THRESHOLD_METHODS, CheckpointMismatch, apply_overrides,
+                              artefact_files, default_config, train, train_artefact)
 from control.learners.base import eval_goals, run_learner
 from control.learners.bc_safe import safe_rows
 from control.learners.presa import PresaLearner
@@ -244,6 +244,7 @@ def test_every_method_trains_logs_checkpoints_and_evaluates(method, smoke_datase
                                                             artefact_dirs, tmp_path):
     smoke_dataset("run")
     spec = METHODS[method]
+    base = next((m for m in THRESHOLD_METHODS if method.startswith(m + "_k")), method)  # a threshold arm's method
     artefacts = {kind: str(artefact_dirs[kind]) for kind in spec.requires} or None
     res = train("run", method, 1, "smoke", tmp_path, data_dir=str(control_data_dir), artefacts=artefacts)
     m = res["metrics"]
@@ -258,16 +259,16 @@ def test_every_method_trains_logs_checkpoints_and_evaluates(method, smoke_datase
     expected = {"presa": {Metric.PREFERENCE_LOSS, Metric.PROB_MEAN, Metric.NU, Metric.CONSTRAINT},
                 "cpl": {Metric.PREFERENCE_LOSS, Metric.PROB_MEAN},
                 "bc_safe": {Metric.BC_LOSS},
-                "td3bc_lag": {"loss/critic", "loss/cost_critic", Metric.NU}}.get(method, {"loss/critic", "loss/actor"})
+                "td3bc_lag": {"loss/critic", "loss/cost_critic", Metric.NU}}.get(base, {"loss/critic", "loss/actor"})
     assert expected <= set(m), (method, sorted(m))
-    assert (Metric.NU in m) == (method in ("presa", "td3bc_lag"))
+    assert (Metric.NU in m) == (base in ("presa", "td3bc_lag"))
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5, res["config"]["steps"] + 1, 5))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == res["config"]["steps"] and ckpt["method"] == METHODS[method].learner.method
     assert ckpt["config"] == res["config"]
     assert set(ckpt["learner"]["optimizers"]) and ckpt["learner"]["numpy_rng"]
-    assert (ckpt["learner"]["multiplier"] is not None) == (method in ("presa", "td3bc_lag"))
+    assert (ckpt["learner"]["multiplier"] is not None) == (base in ("presa", "td3bc_lag"))
     # A finished run resumes at its end: no training, the same metrics.
     again = train("run", method, 1, "smoke", tmp_path, data_dir=str(control_data_dir), artefacts=artefacts)
     assert again["train"]["resumed_from"] == res["config"]["steps"]
