@@ -109,3 +109,16 @@ def test_off_where_it_would_not_be_exact(tiny_model_path, tmp_path, cache_dir):
     off, *_ = _train(tiny_model_path, tmp_path, "off", cache=False)
     assert off.reference_cache_report() == {"enabled": False, "reason": "reference_logps_cache: false"}
     assert not cache_dir.exists()
+
+
+def test_the_shipped_entry_matches_this_environment(embedded_model_path, tmp_path):
+    """The package's entry is the key the default run (embedded model, 2 threads, these libraries) computes:
+    a library or model change that makes it stale fails here (remake it: docs/recipes.md)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32)
+    record = rc.key_material(embedded_model_path, model, autocast=None, device_type="cpu", threads=2)
+    cache = rc.ReferenceLogpsCache(record, user_dir=tmp_path / "empty")
+    assert (rc.SHIPPED_DIR / cache.key / "record.json").is_file(), sorted(p.name for p in rc.SHIPPED_DIR.iterdir())
+    assert len(cache.entries) == 60 and set(cache.sources.values()) == {"shipped"}
+    assert all(dtype == "float32" and len(values) == 8 for dtype, values in cache.entries.values())
