@@ -176,6 +176,21 @@ def _paper_markdown(view: dict) -> str:
                              align=["l", "r", "r", "r", "r"]) + "\n")
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, *, legend_size: int) -> bool:
+    """Labels, grid, legend; save at 120 dpi and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _plot_frontier(view: dict, path: Path) -> bool:
     import matplotlib
 
@@ -210,15 +225,8 @@ def _plot_frontier(view: dict, path: Path) -> bool:
     if not drew:
         plt.close(fig)
         return False
-    ax.set_xlabel("normalised cost (÷ Task-only's) ↓")
-    ax.set_ylabel("normalised reward (÷ Oracle's) ↑")
-    ax.set_title("Reward–cost plane, average over tasks")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _finish(fig, ax, path, "normalised cost (÷ Task-only's) ↓", "normalised reward (÷ Oracle's) ↑",
+                   "Reward–cost plane, average over tasks", legend_size=7)
 
 
 def _plot_safe_fraction(t: dict, path: Path) -> bool:
@@ -237,15 +245,8 @@ def _plot_safe_fraction(t: dict, path: Path) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xticks(t["thresholds"], [f"κ×{s:g}" for s in t["thresholds"]])
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("cost threshold")
-    ax.set_ylabel("fraction of safe runs (C ≤ threshold)")
-    ax.set_title("PRESA: safe policies over cost thresholds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _finish(fig, ax, path, "cost threshold", "fraction of safe runs (C ≤ threshold)",
+                   "PRESA: safe policies over cost thresholds", legend_size=8)
 
 
 def write_paper_outputs(out: Path, table: dict, rows: list[dict], by: dict, *, command: str | None) -> dict:
