@@ -124,7 +124,11 @@ def test_bad_input_is_refused_before_training(tiny_model_path, tmp_path, cache):
                                                       tmp_path / "o3"), "--downstream", "embedded",
                  "--downstream_task", "nowhere_module:f"], _env(cache), ok=False)
     assert proc.returncode == 2 and "--downstream_task" in proc.stderr, proc.stderr[-2000:]
-    for name in ("o1", "o2", "o3"):
+    proc = _run([sys.executable, str(RECIPE), *_args(tiny_model_path, crowd_file(tmp_path / "e.jsonl"),
+                                                      tmp_path / "o4"), "--downstream", "embedded",
+                 "--stage2_prior", "mode"], _env(cache), ok=False)
+    assert proc.returncode == 2 and "--stage2_prior" in proc.stderr, proc.stderr[-2000:]
+    for name in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / name / "adapter_model.safetensors").exists()
 
 
@@ -166,6 +170,23 @@ def test_stage2_and_baselines_on_a_benchmark_build(tiny_model_path, tmp_path, ca
     # The loaded artefact is the trained policy: the same search draws give the same candidates' choice.
     assert second["outcomes"]["safe_cpl_search"]["response"] == record["outcomes"]["safe_cpl_search"]["response"]
     assert set(second["methods"]) == {"task_only", "oracle", "safe_cpl_search"}
+    assert second["stage2_prior"]["source"] == "learned"
+    # --stage2_prior users: stage 2 draws around the training users' posterior means (users.json).
+    proc = _run([sys.executable, str(RECIPE), *_args(tiny_model_path, data, tmp_path / "run3"), "--downstream",
+                 str(bench), "--eval_limit_per_category", "3", "--num_candidates", "2", "--stage2_methods", "search",
+                 "--baselines", "task_only", "oracle", "--eval_max_new_tokens", "8", "--stage1_artifact", str(out),
+                 "--stage2_prior", "users"], _env(cache), timeout=600)
+    third = json.loads((tmp_path / "run3" / "downstream.json").read_text())
+    import numpy as np
+
+    from llm_safepref.methods.safe_cpl.artifact import read_users
+
+    users = read_users(out)
+
+    z = np.array([v for _, v in sorted(users.items())], dtype=np.float32)
+    assert third["stage2_prior"]["source"] == "users"
+    np.testing.assert_allclose(third["stage2_prior"]["mu"], z.mean(0), atol=1e-4)
+    np.testing.assert_allclose(third["stage2_prior"]["sigma"], np.maximum(z.std(0, ddof=1), 0.1), atol=1e-4)
 
 
 @pytest.mark.slow

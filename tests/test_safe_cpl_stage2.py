@@ -181,3 +181,15 @@ def test_pooled_reward_model_learns_the_crowds_shared_preference():
     assert float(r_you) > float(r_plain)
     unit = model.unit(torch.tensor([-1e6, 1e6]))
     assert unit.tolist() == [0.0, 1.0]
+
+
+def test_users_gaussian_by_hand():
+    from llm_safepref.methods.safe_cpl.stage2 import users_gaussian
+
+    # Two dimensions, three users: means (1, 0.05), sample stds (1, 0.05 floored to 0.1).
+    mu, sigma = users_gaussian({"b": [2.0, 0.0], "a": [0.0, 0.1], "c": [1.0, 0.05]})
+    assert torch.allclose(mu, torch.tensor([1.0, 0.05]))
+    assert torch.allclose(sigma, torch.tensor([1.0, 0.1]))
+    assert torch.allclose(compose_z(torch.tensor([[1.0, -1.0]]), mu, sigma), torch.tensor([[2.0, -0.05]]))
+    with pytest.raises(ValueError, match="at least 2 users"):
+        users_gaussian({"a": [0.0, 0.0]})

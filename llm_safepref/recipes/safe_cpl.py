@@ -76,6 +76,12 @@ class SafeCPLRecipeArguments(ScriptArguments):
     num_candidates: int = field(default=4, metadata={"help": "K: generations per test prompt for every method."})
     stage2_penalty: float = field(
         default=0.05, metadata={"help": "w of the stage-2 score task_reward - w * ||eps||^2 (task-reward units)."})
+    stage2_prior: str = field(
+        default="learned",
+        metadata={"help": "The Gaussian stage 2 draws z = mu + sigma * eps from: learned (the trained prior p(z)) or "
+                          "users (fitted to the training users' posterior means, users.json of the artefact: mean and "
+                          "std per dimension, std floored at 0.1). users helps when the learned prior stayed near "
+                          "N(0, I) while the users' z moved away from it (a small KL weight)."})
     stage2_methods: list[str] = field(
         default_factory=lambda: ["search", "amortized"],
         metadata={"help": "Stage-2 variants: search (K prior draws), amortized (a high-level policy over eps)."})
@@ -193,6 +199,8 @@ class SafeCPLRecipeRun:
                               "amortized / task_only, oracle, rc, dpo_pooled, none")
         if sa.num_candidates < 1:
             raise RecipeError(f"--num_candidates must be >= 1, got {sa.num_candidates}")
+        if sa.stage2_prior not in ("learned", "users"):
+            raise RecipeError(f"--stage2_prior must be learned or users, got {sa.stage2_prior!r}")
         try:
             self.task_reward = resolve_task_reward(sa.downstream_task)
         except ValueError as err:
@@ -287,16 +295,32 @@ class SafeCPLRecipeRun:
         cands.save(path)
         return cands
 
+    def _stage2_gaussian(self, policy) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` of stage 2's z = mu + sigma * eps (``--stage2_prior``); recorded in ``self.stage2_prior``."""
+        from llm_safepref.methods.safe_cpl.stage2 import users_gaussian
+        from llm_safepref.recipes.evaluation import RecipeError
+
+        if self.script_args.stage2_prior == "users":
+            if len(policy.users) < 2:
+                raise RecipeError(f"--stage2_prior users needs the posterior means of at least 2 training users; the "
+                                  f"artefact has {len(policy.users)} (users.json)")
+            mu, sigma = users_gaussian(policy.users)
+        else:
+            prior = policy.conditioner.prior
+            mu, sigma = prior.mean.detach().float().cpu(), (0.5 * prior.logvar.detach().float().cpu()).exp()
+        self.stage2_prior = {"source": self.script_args.stage2_prior, "mu": [round(float(x), 4) for x in mu],
+                             "sigma": [round(float(x), 4) for x in sigma]}
+        return mu, sigma
+
     def _latent_candidates(self, policy, prompts, eps, desc: str):
         """One generation per (prompt, ε_k): ``(N, K, d)`` ε -> a judged :class:`CandidateSet`."""
         from llm_safepref.methods.safe_cpl.downstream import CandidateSet, judge_candidates
         from llm_safepref.methods.safe_cpl.stage2 import compose_z, generate_with_latents
 
         sa = self.script_args
-        prior = policy.conditioner.prior
+        mu, sigma = self._stage2_gaussian(policy)
         n, k, d = eps.shape
-        z = compose_z(eps.reshape(n * k, d), prior.mean.detach().float().cpu(),
-                      (0.5 * prior.logvar.detach().float().cpu()).exp())
+        z = compose_z(eps.reshape(n * k, d), mu, sigma)
         flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
         texts = generate_with_latents(policy, flat_prompts, z, max_new_tokens=sa.eval_max_new_tokens,
                                       batch_size=sa.eval_batch_size, temperature=sa.sample_temperature,
@@ -506,6 +530,7 @@ class SafeCPLRecipeRun:
                 if self.task_reward else None),
             judge=judge_identity(self.judge) if self.judge is not None else None,
             num_candidates=sa.num_candidates, stage2_penalty=sa.stage2_penalty, eval_split=sa.eval_split,
+            stage2_prior=getattr(self, "stage2_prior", None),
             n_prompts=len(self.prompts) if self.prompts else 0,
             generation={"max_new_tokens": sa.eval_max_new_tokens, "temperature": sa.sample_temperature,
                         "top_p": sa.sample_top_p, "batch_size": sa.eval_batch_size},

@@ -50,6 +50,7 @@ __all__ = [
     "search_epsilons",
     "compose_z",
     "penalised_scores",
+    "users_gaussian",
     "AmortizedLatentPolicy",
     "generate_with_latents",
     "EPS_BOUND",
@@ -137,6 +138,18 @@ def search_epsilons(prompt_ids: Sequence[str], k: int, dim: int, *, seed: int = 
 def compose_z(eps: torch.Tensor, prior_mu: torch.Tensor, prior_sigma: torch.Tensor) -> torch.Tensor:
     """``z = μ_prior + σ_prior ⊙ ε`` for ε of any leading shape ``(..., d)``."""
     return prior_mu.to(eps) + prior_sigma.to(eps) * eps
+
+
+def users_gaussian(users: dict[str, Sequence[float]], *, floor: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu, sigma)`` per dimension of the training users' posterior means (sample std, at least ``floor``).
+
+    The aggregate-posterior alternative to the learned prior: with a small KL weight the learned
+    prior can stay near N(0, I) while the users' z sit elsewhere, so prior draws land on no user's skill.
+    """
+    if len(users) < 2:
+        raise ValueError(f"need at least 2 users' posterior means, got {len(users)}")
+    z = torch.tensor([list(v) for _, v in sorted(users.items())], dtype=torch.float32)  # (U, d)
+    return z.mean(0), z.std(0, unbiased=True).clamp_min(floor)
 
 
 def penalised_scores(rewards: np.ndarray, eps: torch.Tensor | np.ndarray, penalty: float) -> np.ndarray:
