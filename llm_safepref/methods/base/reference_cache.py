@@ -13,7 +13,7 @@ Design decisions:
   JSON numbers, which round-trip float32 exactly, with their dtype), found by the sha256 of the
   batch's own tensors (every tensor the forward reads: ``input_ids``, ``attention_mask``, the
   completion labels, ... with shapes and dtypes): the same batch, padding included, or a miss.
-  Training with hits is bit-identical to training without the cache (``tests/test_methods_base.py``).
+  Training with hits is bit-identical to training without the cache (``tests/test_reference_cache.py``).
 * **The key is everything else the numbers depend on**: the base model folder's files (sha256,
   as the base-evaluation cache: ``llm_safepref.core.fingerprint``), the loaded model's dtype,
   attention implementation and quantisation, autocast, device type, ``torch.get_num_threads()``
