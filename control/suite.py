@@ -67,6 +67,7 @@ from control.data import SCALES, dataset_path
 from control.learners import (ARTEFACTS, ENSEMBLE_METHODS, METHODS, artefact_files, build_command, default_config,
                               get_method, method_names, train, train_artefact, train_ensemble)
 from control.learners.validation import read_validation, summarize_validation
+from control.tables import write_paper_outputs
 from control.tasks import task_names
 from llm_safepref.core.paths import cache_root
 from llm_safepref.core.provenance import run_record, write_json
@@ -609,8 +610,6 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
                  "dsrl_normalized_cost": "C / kappa"},
              "validation_criterion": summarize_validation([])["criterion"]}
     # The views (methods -> name -> tasks / average), the paper's row, presa_table.json, the plots.
-    from control.tables import write_paper_outputs
-
     table["method_order"] = method_order
     paper_md = write_paper_outputs(out, table, rows, by, command=table["command"])
     write_json(out / "table.json", table)
