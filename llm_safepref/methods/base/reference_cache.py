@@ -145,6 +145,7 @@ class ReferenceLogpsCache:
             self._pending = sig
             return None
         self.hits += 1
+        self._pending = None  # a put() now would be for another batch: let it hash its own
         src = self.sources[sig]
         self.hits_by_source[src] = self.hits_by_source.get(src, 0) + 1
         dtype, values = hit
