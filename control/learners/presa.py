@@ -67,14 +67,14 @@ class PresaLearnerConfig(LearnerConfig):
 
 
 def config_for(task: str, scale: str, **kw) -> PresaLearnerConfig:
-    """Per-scale defaults. smoke: seconds; small: a CPU hour's share; paper: TraC's 100k steps, batch 96."""
+    """Per-scale defaults. smoke: seconds; small: the validation run's budget (docs/control.md); paper: TraC's 100k steps, batch 96."""
     if scale == "smoke":
         base = dict(steps=40, bc_warmup_steps=15, batch_size=16, hidden=32, n_pairs=64, segment_length=16,
                     eval_goals=2, eval_episodes=1, eval_n_envs=1, log_every=5, checkpoint_every=10)
     elif scale == "small":
-        base = dict(steps=10_000, bc_warmup_steps=3_000, batch_size=64, hidden=256, n_pairs=5_000,
+        base = dict(steps=1_500, bc_warmup_steps=500, batch_size=64, hidden=256, n_pairs=5_000,
                     segment_length=16 if task == "reach" else 64, eval_goals=8, eval_episodes=2,
-                    log_every=100, checkpoint_every=1_000, validate_every=500)
+                    log_every=50, checkpoint_every=500, validate_every=150)
     elif scale == "paper":
         base = dict(steps=100_000, bc_warmup_steps=30_000, batch_size=96, hidden=256, n_pairs=20_000,
                     segment_length=16 if task == "reach" else 64, eval_goals=38, eval_episodes=10, eval_n_envs=4,

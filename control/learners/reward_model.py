@@ -84,8 +84,8 @@ def config_for(task: str, scale: str, **kw) -> RewardModelConfig:
         base = dict(steps=40, batch_size=16, hidden=32, n_query_sets=20, set_size=4, segment_length=16,
                     log_every=5, checkpoint_every=10)
     elif scale == "small":
-        base = dict(steps=5_000, batch_size=64, hidden=256, n_query_sets=2_000, log_every=100,
-                    checkpoint_every=1_000)
+        base = dict(steps=1_000, batch_size=64, hidden=256, n_query_sets=2_000, log_every=50,
+                    checkpoint_every=500)
     elif scale == "paper":
         base = dict(steps=50_000, batch_size=96, hidden=256, n_query_sets=5_000, log_every=500,
                     checkpoint_every=5_000)

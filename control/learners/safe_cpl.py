@@ -58,7 +58,7 @@ __all__ = ["SafeCPLConfig", "SafeCPLLearner", "config_for", "STEPS"]
 
 #: Per scale: stage-1 steps and all steps (stage 2 = the difference).
 STEPS = {"smoke": dict(stage1_steps=20, steps=40),
-         "small": dict(stage1_steps=10_000, steps=30_000),
+         "small": dict(stage1_steps=1_500, steps=4_500),
          "paper": dict(stage1_steps=100_000, steps=200_000)}
 
 
@@ -76,7 +76,7 @@ class SafeCPLConfig(LatentLearnerConfig):
 
 
 def config_for(task: str, scale: str, **kw) -> SafeCPLConfig:
-    """smoke: seconds; small: 10k stage-1 steps (PRESA's) + 20k stage-2 (the TD3+BC baselines'); paper: 100k + 100k."""
+    """smoke: seconds; small: 1.5k stage-1 steps (PRESA's) + 3k stage-2 (the TD3+BC baselines'); paper: 100k + 100k."""
     return latent_config_for(SafeCPLConfig, scale, STEPS, **kw)
 
 

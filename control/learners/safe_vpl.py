@@ -62,7 +62,7 @@ __all__ = ["SafeVPLConfig", "LatentRewardNet", "SafeVPLLearner", "config_for", "
 
 #: Per scale: reward-model steps, policy steps and all steps (stage 2 = what is left).
 STEPS = {"smoke": dict(stage1_steps=20, policy_steps=20, steps=60),
-         "small": dict(stage1_steps=5_000, policy_steps=20_000, steps=45_000),
+         "small": dict(stage1_steps=1_000, policy_steps=3_000, steps=7_000),
          "paper": dict(stage1_steps=50_000, policy_steps=100_000, steps=250_000)}
 
 
@@ -84,7 +84,7 @@ class SafeVPLConfig(LatentLearnerConfig):
 
 
 def config_for(task: str, scale: str, **kw) -> SafeVPLConfig:
-    """smoke: seconds; small: RC's reward-model steps (5k), then 20k + 20k TD3+BC (the baselines');
+    """smoke: seconds; small: RC's reward-model steps (1k), then 3k + 3k TD3+BC (the baselines');
     paper: 50k + 100k + 100k."""
     return latent_config_for(SafeVPLConfig, scale, STEPS, **kw)
 

@@ -63,8 +63,8 @@ def config_for(task: str, scale: str, cls=TD3BCConfig, **kw):
         base = dict(steps=40, batch_size=32, hidden=32, eval_goals=2, eval_episodes=1, eval_n_envs=1, log_every=5,
                     checkpoint_every=10)
     elif scale == "small":
-        base = dict(steps=20_000, batch_size=256, hidden=256, eval_goals=8, eval_episodes=2, log_every=200,
-                    checkpoint_every=2_000, validate_every=1_000)
+        base = dict(steps=3_000, batch_size=256, hidden=256, eval_goals=8, eval_episodes=2, log_every=100,
+                    checkpoint_every=1_000, validate_every=300)
     elif scale == "paper":
         base = dict(steps=100_000, batch_size=256, hidden=256, eval_goals=38, eval_episodes=10, eval_n_envs=4,
                     log_every=1_000, checkpoint_every=10_000, validate_every=5_000)
