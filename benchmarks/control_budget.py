@@ -32,6 +32,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -195,13 +196,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="steps timed per phase (after its first)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--data_dir", default=None, help="behaviour data folder (default: the cache)")
+    p.add_argument("--measured", default=None,
+                   help="an earlier results JSON: re-project its measurements at the current configs, measure nothing")
     p.add_argument("--out", default="results/control_budget.json", help="results JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before, t_start = uptime(), time.time()
     measured: dict[str, dict[str, dict]] = {}
+    if args.measured:  # re-project an earlier measurement at the current configs
+        earlier = json.loads(Path(args.measured).read_text())
+        measured = {t: earlier["measured"][t] for t in args.tasks if t in earlier["measured"]}
+        load_before = earlier["load_before"]
     with tempfile.TemporaryDirectory(prefix="control_budget_") as tmp:
-        for task in args.tasks:
+        for task in ([] if args.measured else args.tasks):
             ds = load_task_dataset(task, "small", 0, args.data_dir)
             measured[task] = {}
             for probe in args.probes:
@@ -226,7 +233,7 @@ def main(argv=None) -> int:
     record = run_record(
         benchmark="control_budget", scale="small", tasks=args.tasks, methods=list(args.methods), seeds=args.seeds,
         jobs=args.jobs, threads=args.threads, steps_timed_per_phase=args.steps, load_before=load_before,
-        load_after=uptime(), seconds=round(time.time() - t_start, 1), measured=measured, projected=runs,
+        load_after=earlier["load_after"] if args.measured else uptime(), measured_in=args.measured, seconds=round(time.time() - t_start, 1), measured=measured, projected=runs,
         core_seconds_per_task=per_task, total_core_seconds=total, n_runs=len(jobs),
         wall_hours_at_jobs=total / args.jobs / 3600, missing=sorted(missing),
         note="projection at the current small configs; seconds measured under the load written beside them")

@@ -31,7 +31,7 @@ Design decisions:
   to this checkout (``runtime_env``), so a cluster needs the checkout at the same path.
 - ``ensemble=True`` (``run_suite``; the CLI's ``--ensemble``): after sharding and skipping
   the done runs, the remaining seeds of a ``presa`` / ``cpl`` (task, method) become one job
-  (``kind="ensemble"``, :func:`merge_ensembles`) trained as one batched ensemble
+  (``kind="ensemble"``, :func:`merge_ensembles`, placed after every member's artefacts) trained as one batched ensemble
   (``control.learners.ensemble``), each member with its own run folder, checkpoint and run
   file, equal to its separately trained run up to float rounding.
 - ``--shard i/n`` (0 <= i < n) keeps the whole (task, seed) groups ``k`` with ``k % n == i``
@@ -164,10 +164,10 @@ def plan_jobs(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
                 jobs.append(planned[kind])
 
             for m in methods:
-                for a in get_method(m).requires:
+                for a in get_method(m).artefacts:
                     visit(a, (m,))
             for m in methods:
-                deps = tuple(planned[a].key for a in get_method(m).requires)
+                deps = tuple(planned[a].key for a in get_method(m).artefacts)
                 jobs.append(Job("run", task, m, seed, deps))
     return jobs
 
@@ -175,7 +175,8 @@ def plan_jobs(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
 def merge_ensembles(jobs: Sequence[Job]) -> list[Job]:
     """The runs of ``ENSEMBLE_METHODS`` with the same (task, method) as one ``"ensemble"`` job each.
 
-    The ensemble takes the place of its first member; a (task, method) with one seed stays a run.
+    The ensemble takes the place of its last member, so that every member's artefacts (planned before
+    that member's run in its (task, seed) group) come before it; a (task, method) with one seed stays a run.
     """
     groups: dict[tuple[str, str], list[Job]] = {}
     for j in jobs:
@@ -186,9 +187,9 @@ def merge_ensembles(jobs: Sequence[Job]) -> list[Job]:
         group = groups.get((j.task, j.name)) if j.kind == "run" else None
         if not group or len(group) == 1:
             out.append(j)
-        elif j is group[0]:
+        elif j is group[-1]:
             deps = tuple(dict.fromkeys(d for m in group for d in m.deps))
-            out.append(Job("ensemble", j.task, j.name, j.seed, deps, tuple(m.seed for m in group)))
+            out.append(Job("ensemble", j.task, j.name, group[0].seed, deps, tuple(m.seed for m in group)))
     return out
 
 
@@ -328,8 +329,12 @@ def execute_job(job: Job, req: SuiteRequest, *_deps: Any) -> dict[str, Any]:
     over = req.overrides.get(job.name, {})
     if job.kind == "ensemble":
         members = job.members()
+        spec = get_method(job.name)
+        arts = [{kind: str(req.job_dir(Job("artefact", job.task, kind, m.seed))) for kind in spec.artefacts}
+                for m in members]
         recs = train_ensemble(job.task, job.name, list(job.seeds), req.scale, [req.job_dir(m) for m in members],
-                              data_dir=req.data_dir, data_seed=req.data_seed, overrides=over, log=say)
+                              data_dir=req.data_dir, data_seed=req.data_seed, overrides=over, artefacts=arts,
+                              log=say)
         for m, res in zip(members, recs):
             write_json(req.result_path(m), {"format": RUN_FORMAT, **run_record(command=req.command), **res,
                                             "work_dir": str(req.job_dir(m))})
@@ -338,7 +343,7 @@ def execute_job(job: Job, req: SuiteRequest, *_deps: Any) -> dict[str, Any]:
                 "metrics": {k: mean(k) for k in ("eval/normalized_reward", "eval/normalized_cost")},
                 "resumed_from": recs[0]["train"]["resumed_from"]}
     spec = ARTEFACTS[job.name] if job.kind == "artefact" else get_method(job.name)
-    artefacts = {kind: str(req.job_dir(Job("artefact", job.task, kind, job.seed))) for kind in spec.requires}
+    artefacts = {kind: str(req.job_dir(Job("artefact", job.task, kind, job.seed))) for kind in spec.artefacts}
     if job.kind == "artefact":
         res = train_artefact(job.name, job.task, job.seed, req.scale, req.job_dir(job), data_dir=req.data_dir,
                              data_seed=req.data_seed, artefacts=artefacts, overrides=over, log=say)
@@ -358,7 +363,8 @@ def execute_job(job: Job, req: SuiteRequest, *_deps: Any) -> dict[str, Any]:
 def _summary_line(done: int, total: int, s: dict) -> str:
     m = s["metrics"]
     if s["kind"] == "artefact":
-        what = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("heldout/") and v is not None)
+        what = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("heldout/") and v is not None) or \
+            ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k == "loss/bc")  # the BC warm-up: its last loss
     else:
         what = f"normalized reward {m['eval/normalized_reward']:.3f}, normalized cost {m['eval/normalized_cost']:.3f}"
     resumed = f", resumed from step {s['resumed_from']}" if s.get("resumed_from") is not None else ""

@@ -34,7 +34,9 @@ Design decisions:
 - Everything a learner needs from the loss side is ``llm_safepref.core`` (through
   ``control.objectives`` for PRESA); the RL machinery (TD3+BC critics, the reward net) is
   control's own.
-- Shared artefacts (:data:`ARTEFACTS`; today RC's reward models, balanced and imbalanced) are
+- Shared artefacts (:data:`ARTEFACTS`: RC's reward models, balanced and imbalanced; the latent
+  encoder of the ``_shared`` methods; PRESA's BC warm-up, which the PRESA-type methods
+  ``share``: used when it matches their config, trained inline otherwise) are
   trained once per (task, seed) by :func:`train_artefact`, resumable like a run, and passed to
   the methods (or artefacts) that ``require`` them as folders, under the learner keyword the
   artefact ``provides`` (both reward models reach RC as ``reward_model=``). An artefact says
@@ -78,16 +80,25 @@ class MethodSpec:
     description: str
     defaults: tuple[tuple[str, Any], ...] = ()
     requires: tuple[str, ...] = ()
+    #: Artefacts the suite trains once per (task, seed) and passes when it plans the method, which the method
+    #: uses when they match its config and does without otherwise (PRESA-type runs' ``bc_warmup``).
+    shares: tuple[str, ...] = ()
     #: Per-task config defaults ``task -> {field: value}`` (the imbalance arms' user weights).
     task_defaults: Callable[[str], dict[str, Any]] | None = None
     #: Artefacts only: the learner keyword under which dependents receive its folder (default: its name).
     provides: str = ""
 
+    @property
+    def artefacts(self) -> tuple[str, ...]:
+        """Every artefact the suite trains before this method: ``requires``, then ``shares``."""
+        return (*self.requires, *self.shares)
+
 
 METHODS: dict[str, MethodSpec] = {
     "presa": MethodSpec("presa", presa.PresaLearner, presa.config_for,
-                        "PRESA: CPL preferences + Lagrangian safety-label term"),
-    "cpl": MethodSpec("cpl", cpl.CplLearner, cpl.config_for, "CPL-only: PRESA without its safety term"),
+                        "PRESA: CPL preferences + Lagrangian safety-label term", shares=("bc_warmup",)),
+    "cpl": MethodSpec("cpl", cpl.CplLearner, cpl.config_for, "CPL-only: PRESA without its safety term",
+                      shares=("bc_warmup",)),
     "bc_safe": MethodSpec("bc_safe", bc_safe.BCSafeLearner, bc_safe.config_for,
                           "behaviour cloning on segments within the cost threshold"),
     "task_only": MethodSpec("task_only", task_only.TaskOnlyLearner, task_only.config_for,
@@ -155,6 +166,8 @@ ARTEFACTS: dict[str, MethodSpec] = {
         "reward_model_imbalanced", reward_model.RewardModelLearner, reward_model.config_for,
         "Bradley-Terry reward model on an imbalanced crowd's pooled preferences (user 0 labels 4x as often)",
         task_defaults=_IMBALANCED, provides="reward_model"),
+    "bc_warmup": MethodSpec("bc_warmup", presa.BCWarmupLearner, presa.warmup_config_for,
+                            "PRESA's BC warm-up, shared by PRESA, CPL-only and PRESA's threshold arms"),
     "latent_encoder": MethodSpec("latent_encoder", safe_vpl.LatentEncoderLearner, safe_vpl.encoder_config_for,
                                  "Safe-VPL's VAE reward model (encoder, prior, r(s, a, z)), shared by the _shared "
                                  "latent methods"),
@@ -315,13 +328,15 @@ def train(task: str, method: str, seed: int, scale: str, out_dir: str | Path, *,
 
 def train_ensemble(task: str, method: str, seeds: Sequence[int], scale: str, out_dirs: Sequence[str | Path], *,
                    data_dir: str | None = None, data_seed: int = 0, overrides: Mapping[str, Any] | None = None,
+                   artefacts: Sequence[Mapping[str, str] | None] | None = None,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """:func:`train` for several seeds of a ``presa`` / ``cpl`` run at once, as one batched ensemble.
 
     ``control.learners.ensemble``: each member equals its separately trained run (float
     rounding aside), keeps its own folder in ``out_dirs`` and gets its own record (as
     :func:`train` returns it, plus ``train["ensemble"]``: the seeds trained together and the
-    shared training seconds).
+    shared training seconds). ``artefacts`` are each member's (one mapping per seed, as
+    :func:`train` takes them: its ``bc_warmup``).
     """
     if method not in ENSEMBLE_METHODS:
         raise ValueError(f"method {method!r} cannot train as an ensemble; ensemble methods: "
@@ -330,13 +345,17 @@ def train_ensemble(task: str, method: str, seeds: Sequence[int], scale: str, out
         raise ValueError(f"{len(seeds)} seeds and {len(out_dirs)} run folders; give one folder per seed")
     t0 = time.time()
     spec, config, ds = _prepare(task, method, scale, data_dir, data_seed, overrides)
-    learners = [spec.learner(config, ds, s) for s in seeds]
+    per_member = list(artefacts) if artefacts is not None else [None] * len(seeds)
+    if len(per_member) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds and {len(per_member)} artefact mappings; give one per seed")
+    learners = [spec.learner(config, ds, s, **_artefact_kwargs(f"method {method!r}", spec, a))
+                for s, a in zip(seeds, per_member)]
     results = run_ensemble(learners, out_dirs, log=log)
     shared = round(time.time() - t0, 3)
     records = []
     for seed, learner, trained in zip(seeds, learners, results):
         rec = _run_record(task, method, seed, scale, config, ds, dataset_path(task, scale, data_seed, data_dir),
-                          learner, trained, None, time.time())
+                          learner, trained, per_member[seeds.index(seed)], time.time())
         rec["seconds"] = round(shared + rec["seconds"], 3)  # the shared training time plus its own evaluation
         rec["train"]["ensemble"] = {"seeds": [int(s) for s in seeds], "train_seconds": shared}
         records.append(rec)
@@ -344,13 +363,17 @@ def train_ensemble(task: str, method: str, seeds: Sequence[int], scale: str, out
 
 
 def _artefact_kwargs(who: str, spec: MethodSpec, artefacts: Mapping[str, str] | None) -> dict[str, str]:
-    """``{learner keyword: folder}`` of the artefacts ``spec`` requires; a missing one is an error."""
+    """``{learner keyword: folder}`` of the artefacts ``spec`` requires (a missing one is an error) and of
+    those it shares that are given."""
     kwargs = {}
     for need in spec.requires:
         if not artefacts or need not in artefacts:
             raise ValueError(f"{who} needs the {need!r} artefact; train it with train_artefact("
                              f"{need!r}, ...) or run it through the suite, which does so first")
         kwargs[artefact_keyword(need)] = artefacts[need]
+    for kind in spec.shares:
+        if artefacts and kind in artefacts:
+            kwargs[artefact_keyword(kind)] = artefacts[kind]
     return kwargs
 
 

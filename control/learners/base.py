@@ -59,6 +59,9 @@ from llm_safepref.core.schema import Metric
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "WarmStart",
+    "config_dict",
+    "save_checkpoint",
     "LearnerConfig",
     "Learner",
     "GoalConditionedPolicy",
@@ -250,6 +253,13 @@ class Learner:
         """Whether :meth:`policy` after ``step`` steps is a policy worth validating (latent learners: stage 2)."""
         return True
 
+    def warm_start(self) -> "WarmStart | None":
+        """Load a shared state to start from instead of step 0 (a run without its own checkpoint); None: step 0.
+
+        PRESA-type runs start after the BC warm-up they share (``presa.BCWarmupLearner``).
+        """
+        return None
+
     # -- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -272,6 +282,15 @@ class Learner:
 
 
 # --------------------------------------------------------------------------- log and checkpoint
+
+
+@dataclass
+class WarmStart:
+    """What :meth:`Learner.warm_start` loaded: the step it stands at, the log rows up to it, where it came from."""
+
+    step: int
+    rows: list[dict[str, Any]]
+    source: str
 
 
 class RunLog:
@@ -309,13 +328,15 @@ class CheckpointMismatch(ValueError):
     """A checkpoint of another method or config sits where this run would resume."""
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """``torch.save`` of ``payload`` to ``path`` through a temporary file, so a kill leaves the previous file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint
 
 
-def _config_dict(config) -> dict:
+def config_dict(config) -> dict:
+    """A config dataclass as the JSON a checkpoint stores (nested configs as dicts, other objects as strings)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
@@ -328,7 +349,7 @@ def _check_checkpoint(state: Mapping, method: str, config) -> None:
         raise CheckpointMismatch(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     if state.get("method") != method:
         raise CheckpointMismatch(f"checkpoint of method {state.get('method')!r}, this run is {method!r}")
-    want, have = _config_dict(config), state.get("config", {})
+    want, have = config_dict(config), state.get("config", {})
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k) and k not in NOT_TRAINING_FIELDS)
     if diff:
         raise CheckpointMismatch("checkpoint config differs in " + ", ".join(
@@ -364,6 +385,13 @@ class LearnerRun:
             say(f"resumed from step {self.start} ({self.ckpt_path})")
         else:
             self.run_log.truncate_after(-1)  # no checkpoint: any old log belongs to no run
+            warm = learner.warm_start()
+            if warm is not None:  # the shared state's log lines first, so the run's log reads as one run
+                for row in warm.rows:
+                    self.run_log.write(row)
+                self.run_log.write({"event": "warm_start", "step": warm.step, "from": warm.source})
+                self.start = warm.step
+                say(f"warm start at step {warm.step} ({warm.source})")
         self.last: dict[str, float] = {}
 
     def needs_state(self, done: int) -> bool:
@@ -384,8 +412,8 @@ class LearnerRun:
         if cfg.validate_every and done % cfg.validate_every == 0 and learner.can_validate(done):
             self.run_log.write({"step": done, "event": "validation", **validate(learner, done)})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _save_checkpoint(self.ckpt_path, {"format": CHECKPOINT_FORMAT, "method": learner.method,
-                                              "config": _config_dict(cfg), "step": done,
+            save_checkpoint(self.ckpt_path, {"format": CHECKPOINT_FORMAT, "method": learner.method,
+                                              "config": config_dict(cfg), "step": done,
                                               "learner": learner.state_dict()})
 
     def finish(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class CplLearner(PresaLearner):
 
     method = "cpl"
 
-    def __init__(self, config: PresaLearnerConfig, ds, seed: int):
+    def __init__(self, config: PresaLearnerConfig, ds, seed: int, bc_warmup=None):
         if config.safety_term:
             raise ValueError("CPL-only is PRESA without its safety term: set safety_term=False (or use 'presa')")
-        super().__init__(config, ds, seed)
+        super().__init__(config, ds, seed, bc_warmup=bc_warmup)

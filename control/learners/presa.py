@@ -18,24 +18,45 @@ Design decisions (the math: ``docs/methods.md``, "PRESA"; the objective: ``contr
 - CPL-only (``control.learners.cpl``) is this learner with ``safety_term=False``: the same
   feedback, warm-up and preference loss, no safety term and no multiplier (the safety
   probabilities are still logged).
+- **One BC warm-up for PRESA, CPL-only and the threshold arms.** The warm-up reads the pairs'
+  segments only, never their safety labels, the multiplier or the objective; the pairs do not
+  depend on the threshold (``make_presa_feedback`` draws them before labelling). So every
+  run of one (task, seed) whose config agrees outside :data:`WARMUP_FREE_FIELDS` computes the
+  same warm-up, bit for bit. The suite trains it once, as the ``bc_warmup`` artefact
+  (:class:`BCWarmupLearner`: the learner's state after ``bc_warmup_steps`` and its log), and
+  each such run starts there (``warm_start``; the shared log lines, BC-phase validations
+  included, are copied into its log). A run whose config differs in any other field, or that
+  gets no artefact (``control.learners.train`` without one), trains its own warm-up; the run
+  file's ``info["bc_warmup"]`` says which and why. Tested: a warm-started run equals its
+  from-scratch run exactly (``tests/control/test_learners.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from control.data import Dataset
 from control.feedback import PresaFeedbackConfig, gather_segments, make_presa_feedback, segment_cost_threshold
-from control.learners.base import (GoalConditionedPolicy, Learner, LearnerConfig, dataset_obs_stats, goal_scale,
+from control.learners.base import (CHECKPOINT_FORMAT, GoalConditionedPolicy, Learner, LearnerConfig, RunLog,
+                                   WarmStart, config_dict, dataset_obs_stats, goal_scale, save_checkpoint,
                                    train_goals)
 from control.objectives import PresaControlConfig, PresaSegmentObjective
 from control.policies import policy_segment_logps
 from llm_safepref.core.schema import CHOSEN, CHOSEN_IS_SAFE, REJECTED, REJECTED_IS_SAFE, Metric
 
-__all__ = ["PresaLearnerConfig", "PresaLearner", "presa_feedback_for_goals", "config_for"]
+__all__ = ["PresaLearnerConfig", "PresaLearner", "presa_feedback_for_goals", "config_for", "BCWarmupConfig",
+           "BCWarmupLearner", "warmup_config_for", "WARMUP_FREE_FIELDS", "BC_WARMUP_FILE"]
+
+#: Config fields the BC warm-up never reads: runs that differ only in these share one warm-up.
+WARMUP_FREE_FIELDS = ("steps", "safety_term", "objective", "cost_threshold_scale", "checkpoint_every", "eval_goals",
+                      "eval_episodes", "eval_n_envs")
+#: The ``bc_warmup`` artefact's file: ``{"format", "method", "config", "step", "learner", "log"}``.
+BC_WARMUP_FILE = "bc_warmup.pt"
 
 
 @dataclass
@@ -54,13 +75,16 @@ class PresaLearnerConfig(LearnerConfig):
     objective: PresaControlConfig = field(default_factory=PresaControlConfig,
                                           metadata={"help": "PRESA's loss and multiplier (PresaConfig's names)."})
 
+    #: The ``bc_warmup`` artefact's config: the warm-up is all its steps.
+    warmup_only: ClassVar[bool] = False
+
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.objective, dict):  # from a checkpoint's or a run file's JSON
             self.objective = PresaControlConfig(**self.objective)
         if self.n_pairs < 1 or self.segment_length < 1:
             raise ValueError(f"n_pairs and segment_length must be >= 1, got {self.n_pairs}, {self.segment_length}")
-        if not 0 <= self.bc_warmup_steps < self.steps:
+        if not (0 <= self.bc_warmup_steps < self.steps or (self.warmup_only and self.bc_warmup_steps == self.steps)):
             raise ValueError(f"bc_warmup_steps must lie in [0, steps={self.steps}), got {self.bc_warmup_steps}")
         if not 0.0 <= self.label_noise <= 0.5:
             raise ValueError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
@@ -123,8 +147,10 @@ class PresaLearner(Learner):
 
     method = "presa"
 
-    def __init__(self, config: PresaLearnerConfig, ds: Dataset, seed: int):
+    def __init__(self, config: PresaLearnerConfig, ds: Dataset, seed: int, bc_warmup: str | Path | None = None):
         super().__init__(config, ds, seed)
+        self.bc_warmup_dir = None if bc_warmup is None else Path(bc_warmup)
+        self.warm_start_info: dict[str, Any] = {"shared": False, "reason": "no bc_warmup artefact given"}
         spec = self.spec
         obs_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
         mean, std = dataset_obs_stats(ds)
@@ -145,7 +171,34 @@ class PresaLearner(Learner):
         safe = np.concatenate([fb[CHOSEN_IS_SAFE], fb[REJECTED_IS_SAFE]])
         return {"n_pairs": int(len(fb[CHOSEN])), "n_goals": int(len(np.unique(fb["goal"], axis=0))),
                 "segment_cost_threshold": float(fb["cost_threshold"]), "frac_safe_segments": float(safe.mean()),
-                "safety_term": bool(self.config.safety_term)}
+                "safety_term": bool(self.config.safety_term), "bc_warmup": dict(self.warm_start_info)}
+
+    def warm_start(self) -> WarmStart | None:
+        """Start after the shared BC warm-up (the module docstring) when its artefact matches this config."""
+        if self.bc_warmup_dir is None:
+            return None
+        if self.config.bc_warmup_steps == 0:
+            self.warm_start_info = {"shared": False, "reason": "bc_warmup_steps is 0"}
+            return None
+        path = self.bc_warmup_dir / BC_WARMUP_FILE
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        diff = warmup_mismatch(state["config"], self.config)
+        if diff:
+            self.warm_start_info = {"shared": False, "reason": f"{path} was trained with other {', '.join(diff)}"}
+            return None
+        learner = state["learner"]
+        for k in ("policy", "reference"):
+            self.modules[k].load_state_dict(learner["modules"][k])
+        self.optimizers["policy"].load_state_dict(learner["optimizers"]["policy"])
+        self.rng.bit_generator.state = learner["numpy_rng"]
+        self.generator.set_state(learner["torch_generator"])
+        self.warm_start_info = {"shared": True, "from": str(self.bc_warmup_dir), "step": int(state["step"])}
+        rows = [dict(r) for r in state["log"]]
+        if self.multiplier is not None:  # as the loop logs it: nu on every training row (unmoved by the warm-up)
+            for r in rows:
+                if "event" not in r:
+                    r.setdefault(Metric.NU, float(self.multiplier.value))
+        return WarmStart(int(state["step"]), rows, str(self.bc_warmup_dir))
 
     def policy(self) -> GoalConditionedPolicy:
         return self.pi
@@ -214,3 +267,46 @@ class PresaLearner(Learner):
         loss.backward()
         opt.step()
         return self.preference_step_metrics(loss, terms, s_c, s_r, r_c, r_r, idx)
+
+
+def warmup_mismatch(artefact_config: dict, config: PresaLearnerConfig) -> list[str]:
+    """The fields outside :data:`WARMUP_FREE_FIELDS` in which a warm-up artefact's config differs from ``config``."""
+    mine = config_dict(config)
+    return sorted(k for k in set(mine) | set(artefact_config)
+                  if k not in WARMUP_FREE_FIELDS and mine.get(k) != artefact_config.get(k))
+
+
+@dataclass
+class BCWarmupConfig(PresaLearnerConfig):
+    """The ``bc_warmup`` artefact: PRESA's config with the warm-up as every step (``steps = bc_warmup_steps``)."""
+
+    warmup_only: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.steps, self.safety_term = self.bc_warmup_steps, False
+        if self.bc_warmup_steps < 1:
+            raise ValueError(f"the bc_warmup artefact needs bc_warmup_steps >= 1, got {self.bc_warmup_steps}")
+        super().__post_init__()
+
+
+def warmup_config_for(task: str, scale: str, **kw) -> BCWarmupConfig:
+    """PRESA's per-scale config as the warm-up artefact's (so that PRESA, CPL-only and the arms match it)."""
+    base = config_for(task, scale, **kw)
+    return BCWarmupConfig(**{f.name: getattr(base, f.name) for f in fields(base)})
+
+
+class BCWarmupLearner(PresaLearner):
+    """PRESA's BC warm-up alone, trained once per (task, seed) and shared (the module docstring)."""
+
+    method = "bc_warmup"
+    output_files = (BC_WARMUP_FILE,)
+
+    def finalize(self, out_dir: str | Path) -> dict:
+        """Write the state after the warm-up, its config and its log into ``BC_WARMUP_FILE``; returns its facts."""
+        out_dir = Path(out_dir)
+        rows = RunLog(out_dir / "log.jsonl").rows()
+        save_checkpoint(out_dir / BC_WARMUP_FILE, {
+            "format": CHECKPOINT_FORMAT, "method": self.method, "config": config_dict(self.config),
+            "step": int(self.config.steps), "learner": self.state_dict(), "log": rows})
+        return {"step": int(self.config.steps), "log_rows": len(rows), "n_rows": int(self.ds.n),
+                **{k: v for k, v in self.info().items() if k not in ("bc_warmup", "safety_term")}}

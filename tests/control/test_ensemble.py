@@ -156,7 +156,7 @@ def test_the_suite_trains_presa_seeds_as_one_ensemble_job(smoke_dataset, control
     said = []
     assert run_suite(["run"], ["presa"], [0, 1], "smoke", out, work_dir=work, data_dir=str(control_data_dir),
                      ensemble=True, say=said.append) == 0
-    assert any("2 jobs (2 done already)" in s for s in said)
+    assert any("4 jobs (4 done already)" in s for s in said)  # two runs and their two BC warm-ups
 
 
 def test_stacked_forward_equals_each_members_module_and_the_vmap_path(smoke_dataset):

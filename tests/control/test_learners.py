@@ -184,7 +184,8 @@ def artefact_dirs(smoke_dataset, control_data_dir, tmp_path_factory):
         assert rec["info"]["n_rows"] == smoke_dataset("run").n
         assert rec["files"] == list(artefact_files(kind))
         assert all((out / name).exists() for name in artefact_files(kind))
-        assert rec["metrics"]["heldout/accuracy"] is not None
+        if kind != "bc_warmup":  # a BC warm-up has no held-out preference check
+            assert rec["metrics"]["heldout/accuracy"] is not None
         dirs[kind] = out
     return dirs
 
@@ -273,6 +274,72 @@ def test_every_method_trains_logs_checkpoints_and_evaluates(method, smoke_datase
     again = train("run", method, 1, "smoke", tmp_path, data_dir=str(control_data_dir), artefacts=artefacts)
     assert again["train"]["resumed_from"] == res["config"]["steps"]
     assert again["metrics"] == m and again["per_goal"] == res["per_goal"]
+
+
+def _policy_and_log(folder: Path):
+    state = torch.load(folder / "checkpoint.pt", weights_only=False)["learner"]
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return state, [r for r in rows if r.get("event") != "warm_start"]
+
+
+def test_presa_type_runs_start_from_the_shared_bc_warmup_exactly(smoke_dataset, control_data_dir, artefact_dirs,
+                                                                 tmp_path):
+    """PRESA, CPL-only and a threshold arm from the ``bc_warmup`` artefact equal their from-scratch runs bit for bit
+    (weights, optimiser, multiplier, log, metrics); the warm start skips the warm-up; another config trains its own."""
+    smoke_dataset("run")
+    warm = {"bc_warmup": str(artefact_dirs["bc_warmup"])}
+    assert torch.load(artefact_dirs["bc_warmup"] / "bc_warmup.pt", weights_only=False)["step"] == 15
+    for method in ("presa", "cpl", "presa_k2"):
+        plain = train("run", method, 1, "smoke", tmp_path / f"{method}_plain", data_dir=str(control_data_dir))
+        shared = train("run", method, 1, "smoke", tmp_path / f"{method}_warm", data_dir=str(control_data_dir),
+                       artefacts=warm)
+        assert plain["info"]["bc_warmup"]["shared"] is False
+        assert shared["info"]["bc_warmup"] == {"shared": True, "from": warm["bc_warmup"], "step": 15}
+        assert shared["metrics"] == plain["metrics"] and shared["per_goal"] == plain["per_goal"]
+        a, log_a = _policy_and_log(tmp_path / f"{method}_plain")
+        b, log_b = _policy_and_log(tmp_path / f"{method}_warm")
+        assert log_a == log_b, method
+        for k in a["modules"]["policy"]:
+            assert torch.equal(a["modules"]["policy"][k], b["modules"]["policy"][k]), (method, k)
+            assert torch.equal(a["modules"]["reference"][k], b["modules"]["reference"][k]), (method, k)
+        assert a["multiplier"] == b["multiplier"] and a["numpy_rng"] == b["numpy_rng"]
+        events = [json.loads(x) for x in (tmp_path / f"{method}_warm" / "log.jsonl").read_text().splitlines()]
+        assert {"event": "warm_start", "step": 15, "from": warm["bc_warmup"]} in events
+    # The warm-up steps are not trained again: the learner is never asked for a step before 15.
+    calls = []
+    original = PresaLearner.train_step
+    try:
+        PresaLearner.train_step = lambda self, step: (calls.append(step), original(self, step))[1]
+        train("run", "presa", 1, "smoke", tmp_path / "counted", data_dir=str(control_data_dir), artefacts=warm)
+    finally:
+        PresaLearner.train_step = original
+    assert calls == list(range(15, 40))
+    # A config that differs where the warm-up reads it trains its own warm-up, and says why.
+    other = train("run", "presa", 1, "smoke", tmp_path / "lr", data_dir=str(control_data_dir), artefacts=warm,
+                  overrides={"lr": "0.001"})
+    assert other["info"]["bc_warmup"]["shared"] is False and "trained with other lr" in other["info"]["bc_warmup"][
+        "reason"]
+    assert other["train"]["resumed_from"] is None
+
+
+def test_a_presa_ensemble_starts_from_each_members_bc_warmup(smoke_dataset, control_data_dir, tmp_path):
+    from control.learners import train_ensemble
+
+    smoke_dataset("run")
+    arts = []
+    for seed in (0, 1):
+        train_artefact("bc_warmup", "run", seed, "smoke", tmp_path / f"bcw{seed}", data_dir=str(control_data_dir))
+        arts.append({"bc_warmup": str(tmp_path / f"bcw{seed}")})
+    recs = train_ensemble("run", "cpl", [0, 1], "smoke", [tmp_path / "m0", tmp_path / "m1"],
+                          data_dir=str(control_data_dir), artefacts=arts)
+    for seed, rec in zip((0, 1), recs):
+        assert rec["info"]["bc_warmup"]["shared"] is True and rec["artefacts"] == arts[seed]
+        alone = train("run", "cpl", seed, "smoke", tmp_path / f"alone{seed}", data_dir=str(control_data_dir))
+        assert rec["metrics"][Metric.EVAL_NORMALIZED_REWARD] == pytest.approx(
+            alone["metrics"][Metric.EVAL_NORMALIZED_REWARD], abs=1e-4)
+    with pytest.raises(ValueError, match="2 seeds and 1 artefact mappings"):
+        train_ensemble("run", "cpl", [0, 1], "smoke", [tmp_path / "x0", tmp_path / "x1"],
+                       data_dir=str(control_data_dir), artefacts=arts[:1])
 
 
 def test_a_checkpoint_of_another_config_is_refused(smoke_dataset, control_data_dir, tmp_path):

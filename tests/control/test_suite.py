@@ -99,9 +99,11 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     assert main(args) == 0
     printed = capsys.readouterr().out
     plan = plan_jobs(["run"], list(METHODS), [0])
-    # One job per method plus the two reward models (balanced, imbalanced) and the shared latent encoder, once each.
-    assert len(plan) == len(METHODS) + 3 and [j.key for j in plan if j.kind == "artefact"] == \
-        ["run__reward_model__seed0", "run__latent_encoder__seed0", "run__reward_model_imbalanced__seed0"]
+    # One job per method plus PRESA's shared BC warm-up, the two reward models (balanced, imbalanced) and the shared
+    # latent encoder, once each.
+    assert len(plan) == len(METHODS) + 4 and [j.key for j in plan if j.kind == "artefact"] == \
+        ["run__bc_warmup__seed0", "run__reward_model__seed0", "run__latent_encoder__seed0",
+         "run__reward_model_imbalanced__seed0"]
     assert f"{len(plan)} jobs (0 done already)" in printed
     for method in METHODS:
         rec = read_run_file(out / "runs" / f"run__{method}__seed0.json")
@@ -110,6 +112,11 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
         assert rec["data"]["format"] == "control-data-2" and rec["data"]["scale"] == "smoke"
         assert rec["seconds"] > 0 and rec["config"]["threads"] == 1
         assert Path(rec["train"]["checkpoint"]).parent == work / "runs" / f"run__{method}__seed0"
+    # One BC warm-up, trained once, is where PRESA, CPL-only and PRESA's threshold arms start.
+    bcw = work / "artefacts" / "run__bc_warmup__seed0"
+    for method in ("presa", "cpl", "presa_k0.5", "presa_k2"):
+        rec = read_run_file(out / "runs" / f"run__{method}__seed0.json")
+        assert rec["artefacts"] == {"bc_warmup": str(bcw)} and rec["info"]["bc_warmup"]["shared"] is True, method
     # One reward model, trained once, is the artefact of all three RC runs.
     rm = work / "artefacts" / "run__reward_model__seed0"
     assert {read_run_file(out / "runs" / f"run__rc_{w}__seed0.json")["artefacts"]["reward_model"]
@@ -194,7 +201,7 @@ def test_ray_backend_gives_the_local_backends_table(smoke_dataset, control_data_
     for backend in ("local", "ray"):
         out = tmp_path / backend
         proc = _cli(*_suite_args(out, tmp_path / f"work_{backend}", control_data_dir, "--backend", backend, *extra))
-        assert "10 of 10 jobs ran" in proc.stdout, proc.stdout[-2000:]
+        assert "12 of 12 jobs ran" in proc.stdout, proc.stdout[-2000:]  # 8 runs, 2 reward models, 2 BC warm-ups
         tables[backend] = json.loads((out / "table.json").read_text())
     assert tables["ray"]["rows"] == tables["local"]["rows"]
     assert len(tables["ray"]["rows"]) == 8 and tables["ray"]["seeds"] == [0, 1]
@@ -310,7 +317,7 @@ def test_bad_input_is_an_error_that_says_what_to_do(smoke_dataset, control_data_
         error("--tasks", "run", "--methods", "ppo")
     assert "empty seed list" in error("--tasks", "run", "--methods", "presa", "--seeds")
     assert "--shard i/n needs" in error("--tasks", "run", "--methods", "presa", "--shard", "3/2")
-    assert "no config of presa, reward_model, reward_model_imbalanced, latent_encoder has a field 'stepz'" in \
+    assert "no config of presa, reward_model, reward_model_imbalanced, bc_warmup, latent_encoder has a field 'stepz'" in \
         error("--tasks", "run", "--methods", "presa", "--set", "stepz=3")
     empty = tmp_path / "no_data"
     err = error("--tasks", "run", "circle", "--methods", "presa", "--data_dir", str(empty))
