@@ -15,7 +15,9 @@ What is measured (one process, one torch thread, as a suite worker):
 
 Projection: a method's run is ``setup + sum over phases (entry + (n_phase - 1) x per_step) +
 n_validations x validation + final evaluation`` at the step counts of its *current* per-scale
-config (``control.learners.default_config``); artefacts likewise. The plan is the suite's
+config (``control.learners.default_config``); artefacts likewise (no final evaluation). A
+PRESA-type run that shares the ``bc_warmup`` artefact is charged its preference phase only;
+the artefact carries the warm-up and its validations. The plan is the suite's
 (``control.suite.plan_jobs``) for ``--methods`` x ``--tasks`` x ``--seeds``; threshold arms and
 imbalance arms cost what their base learner does, RC costs its measured probe at every weight.
 ``total_core_seconds`` sums the plan; ``wall_hours_at_jobs`` divides by ``--jobs`` (perfect
@@ -74,7 +76,7 @@ def uptime() -> str:
 def probe_of(name: str) -> str:
     """The probe whose measurement a suite method or artefact costs."""
     if name in ARTEFACTS:
-        return "reward_model" if name.startswith("reward_model") else name
+        return {"bc_warmup": "presa"}.get(name, "reward_model" if name.startswith("reward_model") else name)
     base = name.removesuffix("_imbalanced").removesuffix("_shared")
     for arm in ("_k0.5", "_k2"):
         base = base.removesuffix(arm)
@@ -120,11 +122,12 @@ class _ConfigOnly:
         return bool(self.cls.can_validate(self, done))
 
 
-def n_validations(config, learner) -> int:
+def n_validations(config, learner, after: int = 0) -> int:
+    """Validations of a run of ``config`` after step ``after``."""
     ve = int(config.validate_every)
     if not ve:
         return 0
-    return sum(1 for done in range(ve, int(config.steps) + 1, ve) if learner.can_validate(done))
+    return sum(1 for done in range(ve, int(config.steps) + 1, ve) if done > after and learner.can_validate(done))
 
 
 def measure(task: str, probe: str, ds, k: int, seed: int, work: Path, data_dir: str | None) -> dict:
@@ -176,11 +179,14 @@ def project(task: str, name: str, m: dict) -> dict:
     steps = phases_of(cfg)
     if len(steps) != len(m["phases"]):
         raise ValueError(f"{name}: {len(steps)} phases in the config, {len(m['phases'])} measured")
-    train = sum(p["entry_seconds"] + max(n - 1, 0) * p["per_step_seconds"] for n, p in zip(steps, m["phases"]))
-    nval = n_validations(cfg, _ConfigOnly(spec.learner, cfg)) if name in METHODS else 0
+    shared_warmup = "bc_warmup" in getattr(spec, "shares", ())  # its BC phase is the bc_warmup artefact's
+    train = sum(0.0 if n == 0 or (shared_warmup and i == 0) else p["entry_seconds"] + (n - 1) * p["per_step_seconds"]
+                for i, (n, p) in enumerate(zip(steps, m["phases"])))
+    # A shared warm-up's validations are the artefact's.
+    nval = n_validations(cfg, _ConfigOnly(spec.learner, cfg), after=cfg.bc_warmup_steps if shared_warmup else 0)
     val = nval * m.get("validation_seconds", 0.0) * cfg.validate_goals * cfg.validate_episodes / max(
         m["evaluation"]["validate_goals"] * m["evaluation"]["validate_episodes"], 1) if nval else 0.0
-    final = m.get("evaluation_seconds", 0.0)
+    final = m.get("evaluation_seconds", 0.0) if name in METHODS else 0.0
     return {"steps": steps, "train_seconds": train, "n_validations": nval, "validation_seconds": val,
             "evaluation_seconds": final, "setup_seconds": m["setup_seconds"],
             "seconds": m["setup_seconds"] + train + val + final}

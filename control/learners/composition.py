@@ -168,7 +168,8 @@ def latent_config_for(cls, scale: str, phases: dict[str, dict[str, Any]], **kw):
                     checkpoint_every=10)
     elif scale == "small":
         base = dict(batch_size=4, hidden=256, encoder_hidden=64, n_query_sets=2_000, rl_batch_size=256,
-                    eval_goals=8, eval_episodes=2, log_every=100, checkpoint_every=1_000, validate_every=300)
+                    eval_goals=8, eval_episodes=2, log_every=100, checkpoint_every=1_000, validate_every=300,
+                    tau=0.05)  # the TD3+BC baselines' small tau (control.learners.td3bc)
     elif scale == "paper":
         base = dict(batch_size=6, hidden=256, encoder_hidden=128, n_query_sets=5_000, rl_batch_size=256,
                     eval_goals=38, eval_episodes=10, eval_n_envs=4, log_every=1_000, checkpoint_every=10_000,
