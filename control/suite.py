@@ -532,6 +532,29 @@ def _ratio(x: float | None, ref: float | None, eps: float = 0.0) -> float | None
     return (x + eps) / (ref + eps)
 
 
+#: The config fields that count a learner's steps (all phases, then each phase that has its own field).
+STEP_FIELDS = ("steps", "bc_warmup_steps", "stage1_steps", "policy_steps")
+
+
+def learner_steps(records: Iterable[dict], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method, its step fields from its runs' configs (one value each, or the sorted distinct values when tasks
+    differ)."""
+    seen: dict[str, dict[str, set]] = {}
+    for r in records:
+        cfg = r.get("config") or {}
+        mine = seen.setdefault(r["method"], {})
+        for f in STEP_FIELDS:
+            if isinstance(cfg.get(f), int) and not (f == "stage1_steps" and cfg.get("shared_encoder")):
+                mine.setdefault(f, set()).add(cfg[f])
+    return {m: {f: (next(iter(v)) if len(v) == 1 else sorted(v)) for f, v in seen[m].items()}
+            for m in methods if m in seen}
+
+
+def _steps_text(s: dict[str, Any]) -> str:
+    rest = ", ".join(f"{k} {v}" for k, v in s.items() if k != "steps")
+    return f"{s.get('steps')}" + (f" ({rest})" if rest else "")
+
+
 def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str], None] | None = None) -> dict:
     """Merge ``out/runs/*.json`` into ``out/table.json`` and ``out/table.md``; returns the table.
 
@@ -615,6 +638,7 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
                  "dsrl_normalized_reward": "(R - R_min) / (R_max - R_min), references from the dataset's episodes",
                  "dsrl_normalized_cost": "C / kappa"},
              "validation_criterion": summarize_validation([])["criterion"]}
+    table["learner_steps"] = learner_steps(by.values(), method_order)
     # The issue's views (methods -> name -> tasks / average), the paper's row, presa_table.json, the plots.
     table["method_order"] = method_order
     paper_md = write_paper_outputs(out, table, rows, by, command=table["command"])
@@ -635,6 +659,8 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
           f"(paper form); DSRL: (R − R_min)/(R_max − R_min) and C/κ.\n\n"
           + markdown_table(headers, md_rows, align=["l", "l", "r", "r", "r", "r", "r", "l"])
           + "\n" + paper_md
+          + "\nSteps per learner (every phase; from the runs' configs): "
+          + "; ".join(f"{m} {_steps_text(s)}" for m, s in table["learner_steps"].items()) + ".\n"
           + f"\nValidation: {table['validation_criterion']} (`control/learners/validation.py`)."
           + f"\n\nCommand: `{table['command']}`  \nRevision {table['git_revision']}, {table['machine']}, "
             f"{table['date']}.\n")

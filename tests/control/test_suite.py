@@ -139,6 +139,12 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     assert all(f in r and f + "_std" in r for r in table["rows"] for f in TABLE_FIELDS)
     md = (out / "table.md").read_text()
     assert "| run | presa |" in md and "| average | td3bc_lag |" in md
+    # Every learner's step counts, from its runs' configs (smoke: control/learners/<method>.py).
+    steps = table["learner_steps"]
+    assert steps["presa"] == {"steps": 40, "bc_warmup_steps": 15} and steps["task_only"] == {"steps": 40}
+    assert steps["safe_cpl"] == {"steps": 40, "stage1_steps": 20}
+    assert steps["safe_vpl"] == {"steps": 60, "stage1_steps": 20, "policy_steps": 20}
+    assert "presa 40 (bc_warmup_steps 15)" in md
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert main(args) == 0
     assert f"{len(plan)} jobs ({len(plan)} done already)" in capsys.readouterr().out
