@@ -130,19 +130,20 @@ def n_validations(config, learner, after: int = 0) -> int:
     return sum(1 for done in range(ve, int(config.steps) + 1, ve) if done > after and learner.can_validate(done))
 
 
-def measure(task: str, probe: str, ds, k: int, seed: int, work: Path, data_dir: str | None) -> dict:
+def measure(task: str, probe: str, ds, k: int, seed: int, work: Path, data_dir: str | None,
+            scale: str = "small") -> dict:
     """Set-up, per-phase entry and per-step seconds, one validation and one final evaluation of a probe."""
     name = PROBES[probe]
     spec = get_method(name) if name in METHODS else ARTEFACTS[name]
-    full = default_config(name, task, "small")
+    full = default_config(name, task, scale)
     kwargs = {}
     for need in spec.requires:  # artefacts, briefly trained
         folder = work / f"{task}__{need}"
-        a_cfg = default_config(need, task, "small")
-        train_artefact(need, task, seed, "small", folder, data_dir=data_dir,
+        a_cfg = default_config(need, task, scale)
+        train_artefact(need, task, seed, scale, folder, data_dir=data_dir,
                        overrides=shrunk_overrides(a_cfg, k))
         kwargs[ARTEFACTS[need].provides or need] = str(folder)
-    cfg = default_config(name, task, "small", shrunk_overrides(full, k))
+    cfg = default_config(name, task, scale, shrunk_overrides(full, k))
     t0 = time.perf_counter()
     learner = spec.learner(cfg, ds, seed, **kwargs)
     setup = time.perf_counter() - t0
@@ -172,10 +173,10 @@ def measure(task: str, probe: str, ds, k: int, seed: int, work: Path, data_dir: 
     return out
 
 
-def project(task: str, name: str, m: dict) -> dict:
-    """Projected seconds of one run of ``name`` on ``task`` at its current ``small`` config."""
+def project(task: str, name: str, m: dict, scale: str = "small") -> dict:
+    """Projected seconds of one run of ``name`` on ``task`` at its current config of ``scale``."""
     spec = get_method(name) if name in METHODS else ARTEFACTS[name]
-    cfg = default_config(name, task, "small")
+    cfg = default_config(name, task, scale)
     steps = phases_of(cfg)
     if len(steps) != len(m["phases"]):
         raise ValueError(f"{name}: {len(steps)} phases in the config, {len(m['phases'])} measured")
