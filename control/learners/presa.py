@@ -181,6 +181,9 @@ class PresaLearner(Learner):
             self.warm_start_info = {"shared": False, "reason": "bc_warmup_steps is 0"}
             return None
         path = self.bc_warmup_dir / BC_WARMUP_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no BC warm-up there; train it with train_artefact('bc_warmup', ...) "
+                                    "or run this method through the suite, which does so first")
         state = torch.load(path, map_location="cpu", weights_only=False)
         diff = warmup_mismatch(state["config"], self.config)
         if diff:

@@ -320,6 +320,9 @@ def test_presa_type_runs_start_from_the_shared_bc_warmup_exactly(smoke_dataset, 
     assert other["info"]["bc_warmup"]["shared"] is False and "trained with other lr" in other["info"]["bc_warmup"][
         "reason"]
     assert other["train"]["resumed_from"] is None
+    with pytest.raises(FileNotFoundError, match="no BC warm-up there; train it with train_artefact"):
+        train("run", "presa", 1, "smoke", tmp_path / "none", data_dir=str(control_data_dir),
+              artefacts={"bc_warmup": str(tmp_path / "missing")})
 
 
 def test_a_presa_ensemble_starts_from_each_members_bc_warmup(smoke_dataset, control_data_dir, tmp_path):
