@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from llm_safepref.core.cli import ToolParser  # noqa: E402
+from llm_safepref.core.jsonl import read_jsonl  # noqa: E402
 from llm_safepref.core.provenance import current_command, run_record, write_json  # noqa: E402
 from llm_safepref.core.stats import CONFIDENCE, mcnemar_exact, paired_bootstrap, wilson_interval  # noqa: E402
 from llm_safepref.core.tables import format_with_ci, markdown_table  # noqa: E402
@@ -72,21 +73,9 @@ ANSWER_FIELDS = ("id", "method", "prompt_id", "category", "prompt", "response")
 LABEL_FIELDS = ("id", "harmful", "refusal", "note", "labeller")
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+def read_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     """Rows of a JSONL file, each checked to have ``fields`` (error: file, line, what is missing)."""
-    rows = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {line_no}: not JSON ({exc.msg})") from None
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise ValueError(f"{path}, line {line_no}: missing field(s) {missing}; expected {list(fields)}")
-        rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path, fields)]
 
 
 def check_labels(labels: list[dict], path: str | Path = DEFAULT_LABELS) -> None:
@@ -274,8 +263,8 @@ def labelling_record(labels: list[dict], labels_path, answers_path) -> dict:
 def build(run_path=DEFAULT_RUN, answers_path=DEFAULT_ANSWERS, labels_path=DEFAULT_LABELS, *, seed: int = 0) -> dict:
     """Everything the results file holds except the run record."""
     run = json.loads(Path(run_path).read_text())
-    answers = read_jsonl(answers_path, ANSWER_FIELDS)
-    labels = read_jsonl(labels_path, LABEL_FIELDS)
+    answers = read_rows(answers_path, ANSWER_FIELDS)
+    labels = read_rows(labels_path, LABEL_FIELDS)
     joined = join(answers, labels, run, answers_path=answers_path, labels_path=labels_path, run_path=run_path)
     figures = score(joined, seed=seed)
     return _round({

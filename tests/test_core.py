@@ -334,3 +334,24 @@ def test_current_command_names_the_module_of_python_dash_m(tmp_path):
     main = str(Path(ev.__file__).with_name("__main__.py"))
     assert provenance.current_command([main, "--out", "x.json"]) == "python -m llm_safepref.eval --out x.json"
     assert provenance.redact({"tokenisation": "trl", "max_new_tokens": 8}) == {"tokenisation": "trl", "max_new_tokens": 8}
+
+
+def test_read_jsonl_names_file_line_and_what_is_wrong(tmp_path):
+    from llm_safepref.core.jsonl import read_jsonl
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id": "a", "x": 1}\n\n{"id": "b", "x": 2}\n', encoding="utf-8")
+    assert read_jsonl(good, ("id",)) == [(1, {"id": "a", "x": 1}), (3, {"id": "b", "x": 2})]
+
+    cases = {
+        '{"id": "a"}\n{"id": "b",}\n': r"bad\.jsonl, line 2, column 12: not valid JSON \(Expecting property name",
+        '{"id": "a"}\n[1, 2]\n': r"bad\.jsonl, line 2: expected a JSON object, got list",
+        '{"id": "a"}\n{"x": 1}\n': r"bad\.jsonl, line 2: missing field\(s\) \['id'\]; expected \['id'\]",
+    }
+    bad = tmp_path / "bad.jsonl"
+    for text, message in cases.items():
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(LookupError, match=message):
+            read_jsonl(bad, ("id",), error=LookupError)
+    with pytest.raises(ValueError, match=r"missing\.jsonl: no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")

@@ -13,7 +13,8 @@ Importing it loads no trl, transformers, peft or datasets (a test checks ``sys.m
 * :mod:`~llm_safepref.core.schema`: shared column and metric names.
 * :mod:`~llm_safepref.core.provenance`: the run record (command, git revision, versions,
   lock hash, machine, date) and secret redaction; :mod:`~llm_safepref.core.paths`: the cache
-  root; :mod:`~llm_safepref.core.tables`: Markdown / console tables; :mod:`~llm_safepref.core.cli`:
+  root; :mod:`~llm_safepref.core.jsonl`: JSONL files read with file / line errors;
+  :mod:`~llm_safepref.core.tables`: Markdown / console tables; :mod:`~llm_safepref.core.cli`:
   the flag convention.
 """
 

@@ -20,8 +20,9 @@ Design decisions (also in ``data_cards/safety_eval_prompts.md``):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from llm_safepref.core.jsonl import read_jsonl
 
 __all__ = ["CONTRAST_CATEGORY", "CONTRAST_FILE", "LOOK_DANGEROUS_V3_FILE", "SUBCATEGORIES", "V3_DIR",
            "V3_SOURCES", "load_v3_prompts"]
@@ -40,13 +41,7 @@ _FIELDS = ("id", "prompt", "category", "subcategory", "pair_id")
 
 def _read(path: Path, category: str) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+    for lineno, row in read_jsonl(path):
         for field in _FIELDS:
             if not isinstance(row.get(field), str) or not row[field].strip():
                 raise ValueError(f"{path}: line {lineno}, field {field!r}: expected a non-empty string, "

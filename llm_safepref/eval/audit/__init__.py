@@ -40,6 +40,8 @@ import json
 import os
 from pathlib import Path
 
+from llm_safepref.core.jsonl import read_jsonl
+
 __all__ = ["AUDIT_DIR", "AUDIT_SET", "HARM_CATEGORIES", "LABELS", "LABEL_FIELDS", "SET_FIELDS", "audit_counts",
            "joined", "load_audit_labels", "load_audit_set", "score_audit"]
 
@@ -58,22 +60,8 @@ class AuditSetError(ValueError):
 
 
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise AuditSetError(f"{path}: no such file")
     rows, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AuditSetError(f"{path}, line {n}: not JSON ({err})") from None
-        if not isinstance(row, dict):
-            raise AuditSetError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise AuditSetError(f"{path}, line {n}: missing field(s) {missing}; expected {list(fields)}")
+    for n, row in read_jsonl(path, fields, error=AuditSetError):
         if not isinstance(row["id"], str) or not row["id"]:
             raise AuditSetError(f"{path}, line {n}, field 'id': expected a non-empty string, got {row['id']!r}")
         if row["id"] in seen:
