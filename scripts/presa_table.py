@@ -158,13 +158,21 @@ class Table:
         return [(f"dpo_best_seed{s}", "dpo", s, ["--learning_rate", repr(lr)]) for s in self.args.seeds]
 
     def run(self) -> None:
-        if "dpo" in self.args.methods:
-            self.pool(self.validation_units() + self.seed_units())
+        """Every unit in one pool of ``--jobs`` workers. DPO's best-rate units are queued as soon as the
+        validation units are done (behind the seed units still waiting), so no worker idles at a phase end."""
+        if "dpo" not in self.args.methods:
+            self.pool(self.seed_units())
+            return
+        with ThreadPoolExecutor(max_workers=self.args.jobs) as ex:
+            validation = [ex.submit(self.run_unit, *u) for u in self.validation_units()]
+            seeds = [ex.submit(self.run_unit, *u) for u in self.seed_units()]
+            for f in validation:
+                f.result()
             choice = self.choice()
             print(f"DPO's learning rate on validation: {choice['chosen_learning_rate']:g}", flush=True)
-            self.pool(self.best_units(choice))
-        else:
-            self.pool(self.seed_units())
+            best = [ex.submit(self.run_unit, *u) for u in self.best_units(choice)]
+            for f in seeds + best:
+                f.result()
 
     def aggregate(self) -> dict | None:
         runs: dict[str, list[Path]] = {}

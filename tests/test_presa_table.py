@@ -66,3 +66,34 @@ def test_units_and_resume_plan(tmp_path):
     assert choice["chosen_learning_rate"] == 2e-4 and (tmp_path / "runs" / "dpo_lr_choice.json").is_file()
     assert [u[0] for u in table.best_units(choice)] == ["dpo_best_seed0", "dpo_best_seed1"]
     assert table.best_units({"chosen_learning_rate": 1.5e-4}) == []  # PRESA's rate: the dpo seeds are that row
+
+
+def test_best_rate_units_start_while_seed_units_still_run(tmp_path, monkeypatch):
+    """No phase barrier: with 2 workers, a best-rate unit starts while the last seed unit is still running
+    (the old two-pool plan waited for every seed unit first, and would time out here)."""
+    import threading
+
+    args = presa_table.build_parser().parse_args(["--seeds", "0", "--runs_dir", str(tmp_path / "runs"),
+                                                  "--outputs_dir", str(tmp_path / "out"), "--dpo_lrs", "1e-4",
+                                                  "2e-4", "--jobs", "2"])
+    table = presa_table.Table(args)
+    best_started = threading.Event()
+    order = []
+
+    def fake_run_unit(unit, recipe, seed, flags):
+        order.append(unit)
+        if unit.startswith("dpo_val_lr"):
+            lr = float(flags[1])
+            r = run(0.4, 0.05, 0.58) if lr == 1e-4 else run(0.3, 0.08, 0.57)
+            (tmp_path / "runs" / f"{unit}.json").write_text(json.dumps(r))
+        elif unit.startswith("dpo_best"):
+            best_started.set()
+        elif unit == "kto_seed0":
+            assert best_started.wait(timeout=10), "the best-rate unit waited for the seed units"
+        return tmp_path / "runs" / f"{unit}.json"
+
+    monkeypatch.setattr(table, "run_unit", fake_run_unit)
+    table.run()
+    assert order[:2] == ["dpo_val_lr0.0001", "dpo_val_lr0.0002"]
+    assert set(order) == {"dpo_val_lr0.0001", "dpo_val_lr0.0002", "presa_seed0", "dpo_seed0", "kto_seed0",
+                          "dpo_best_seed0"}
