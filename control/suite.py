@@ -25,7 +25,8 @@ Design decisions:
   toolkit's run record (``llm_safepref.core.provenance.run_record``: command, git revision,
   versions, lock hash, machine, date) and sets one torch thread: ``local`` runs it in this
   process (``--jobs 1``) or in a ``concurrent.futures.ProcessPoolExecutor`` of ``--jobs``
-  spawned workers; ``ray`` submits one Ray task per job (``num_cpus=1``), a job's artefacts
+  spawned workers, handed one job per idle worker, the first ready one in plan order
+  (:func:`next_jobs`), so the (task, seed) groups finish in order; ``ray`` submits one Ray task per job (``num_cpus=1``), a job's artefacts
   passed as object references so that Ray orders them, on ``ray.init(address=--address)`` or a
   local instance of ``--jobs`` CPUs. Ray's workers find ``control`` through ``PYTHONPATH`` set
   to this checkout (``runtime_env``), so a cluster needs the checkout at the same path.
@@ -74,9 +75,8 @@ from llm_safepref.core.provenance import run_record, write_json
 from llm_safepref.core.stats import mean_std
 from llm_safepref.core.tables import format_mean_std, markdown_table
 
-__all__ = ["RUN_FORMAT", "TABLE_FORMAT", "SuiteError", "Job", "SuiteRequest", "plan_jobs", "merge_ensembles",
-           "parse_shard",
-           "shard_jobs", "execute_job", "run_suite", "read_run_file", "aggregate", "default_work_dir",
+__all__ = ["RUN_FORMAT", "TABLE_FORMAT", "SuiteError", "Job", "SuiteRequest", "plan_jobs", "next_jobs",
+           "merge_ensembles", "parse_shard", "shard_jobs", "execute_job", "run_suite", "read_run_file", "aggregate", "default_work_dir",
            "parse_overrides", "TABLE_FIELDS"]
 
 RUN_FORMAT = "control-suite-run-1"
@@ -371,6 +371,26 @@ def _summary_line(done: int, total: int, s: dict) -> str:
     return f"[{done}/{total}] {s['key']}: {what} ({s['seconds']:.1f} s{resumed})"
 
 
+def next_jobs(pending: Sequence[Job], done: set[str], failed: Sequence[str], keys: set[str],
+              free: int) -> tuple[list[Job], list[Job]]:
+    """``(to submit, to skip)``: the first ``free`` pending jobs, in plan order, whose dependencies
+    (those in ``keys``, i.e. planned in this call) are all done, and every job with a failed one.
+
+    Only as many jobs as there are idle workers are handed to the pool: a job queued inside the
+    pool would hold its place ahead of a later-ready job of an earlier (task, seed) group, so a
+    group's artefact-dependent runs would wait for every other group's independent ones, and a
+    stopped run would leave every group unfinished instead of the last one.
+    """
+    submit, skipped = [], []
+    for job in pending:
+        deps = [d for d in job.deps if d in keys]
+        if any(d in failed for d in deps):
+            skipped.append(job)
+        elif len(submit) < free and all(d in done for d in deps):
+            submit.append(job)
+    return submit, skipped
+
+
 def _run_local(jobs: list[Job], req: SuiteRequest, n_workers: int, say) -> list[str]:
     failed: list[str] = []
     keys = {j.key for j in jobs}
@@ -389,15 +409,14 @@ def _run_local(jobs: list[Job], req: SuiteRequest, n_workers: int, say) -> list[
     pending, running, done = list(jobs), {}, set()
     with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) as pool:
         while pending or running:
-            for job in list(pending):
-                deps = [d for d in job.deps if d in keys]
-                if any(d in failed for d in deps):
-                    pending.remove(job)
-                    failed.append(job.key)
-                    say(f"{job.key}: skipped, its artefact failed")
-                elif all(d in done for d in deps):
-                    pending.remove(job)
-                    running[pool.submit(execute_job, job, req)] = job
+            submit, skipped = next_jobs(pending, done, failed, keys, n_workers - len(running))
+            for job in skipped:
+                pending.remove(job)
+                failed.append(job.key)
+                say(f"{job.key}: skipped, its artefact failed")
+            for job in submit:
+                pending.remove(job)
+                running[pool.submit(execute_job, job, req)] = job
             if not running:
                 continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -24,7 +24,8 @@ import torch
 
 from control.__main__ import main
 from control.learners import ARTEFACTS, METHODS
-from control.suite import (RUN_FORMAT, TABLE_FIELDS, SuiteError, aggregate, parse_shard, plan_jobs,
+from control.suite import (
+    RUN_FORMAT, TABLE_FIELDS, SuiteError, aggregate, next_jobs, parse_shard, plan_jobs,
                            read_run_file, run_suite, shard_jobs)
 from llm_safepref.core.provenance import write_json
 
@@ -64,6 +65,33 @@ def test_plan_puts_artefacts_first_and_shards_whole_groups():
     for bad in ("2/2", "1", "a/b", "0/0"):
         with pytest.raises(SuiteError, match="--shard"):
             parse_shard(bad)
+
+
+def test_the_local_pool_gets_one_job_per_idle_worker_so_groups_finish_in_order():
+    """A simulation of the local backend's dispatch (``next_jobs``) with 2 workers over 2 groups: the
+    first group's artefact-dependent runs go before the second group's independent ones (handing every
+    ready job to the pool at once put them behind all of the second group), and a failed artefact's
+    dependents are skipped."""
+    jobs = plan_jobs(["run", "circle"], ["task_only", "oracle", "rc_0.5", "rc_0.25"], [0])
+    keys = {j.key for j in jobs}
+    pending, running, done, failed, order = list(jobs), [], set(), [], []
+    while pending or running:
+        submit, skipped = next_jobs(pending, done, failed, keys, 2 - len(running))
+        assert not skipped
+        for j in submit:
+            pending.remove(j)
+            running.append(j)
+            order.append(j.key)
+        assert 0 < len(running) <= 2
+        done.add(running.pop(0).key)  # the oldest finishes first
+    assert order == [j.key for j in jobs]  # here plan order exactly
+    assert order.index("run__rc_0.25__seed0") < order.index("circle__task_only__seed0")
+    # A failed artefact: its dependents are skipped, the others still run.
+    rest = [j for j in jobs if j.key != "run__reward_model__seed0"]
+    submit, skipped = next_jobs(rest, set(), ["run__reward_model__seed0"], keys, 2)
+    assert {j.key for j in skipped} == {"run__rc_0.5__seed0", "run__rc_0.25__seed0"}
+    assert [j.key for j in submit] == ["run__task_only__seed0", "run__oracle__seed0"]
+    assert next_jobs(jobs, set(), [], keys, 0) == ([], [])
 
 
 def test_plan_orders_artefacts_that_need_artefacts_and_plans_each_once(monkeypatch):
