@@ -344,7 +344,7 @@ def test_read_jsonl_names_file_line_and_what_is_wrong(tmp_path):
     assert read_jsonl(good, ("id",)) == [(1, {"id": "a", "x": 1}), (3, {"id": "b", "x": 2})]
 
     cases = {
-        '{"id": "a"}\n{"id": "b",}\n': r"bad\.jsonl, line 2, column 12: not valid JSON \(Expecting property name",
+        '{"id": "a"}\n{"id": "b",}\n': r"bad\.jsonl, line 2: not valid JSON \(Expecting property name .* at column 12\)",
         '{"id": "a"}\n[1, 2]\n': r"bad\.jsonl, line 2: expected a JSON object, got list",
         '{"id": "a"}\n{"x": 1}\n': r"bad\.jsonl, line 2: missing field\(s\) \['id'\]; expected \['id'\]",
     }

@@ -32,7 +32,7 @@ def read_jsonl(path: str | os.PathLike, fields: tuple[str, ...] = (), *,
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise error(f"{path}, line {n}, column {err.colno}: not valid JSON ({err.msg})") from None
+            raise error(f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
             raise error(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
         missing = [f for f in fields if f not in row]

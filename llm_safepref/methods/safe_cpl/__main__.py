@@ -21,6 +21,7 @@ from typing import Sequence
 
 from llm_safepref._runtime import offline_defaults
 from llm_safepref.core.cli import ToolParser
+from llm_safepref.core.jsonl import read_jsonl
 
 __all__ = ["build_parser", "main", "read_context_file"]
 
@@ -65,15 +66,7 @@ def read_context_file(path: str | Path, *, user: str | None = None, user_column:
     if not path.is_file():
         raise FileNotFoundError(f"context file {path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object with prompt, chosen, rejected")
+    for number, row in read_jsonl(path):
         if user is not None:
             if user_column not in row:
                 raise ValueError(f"{path}, line {number}: no {user_column!r} field to select --context_user {user!r}")
