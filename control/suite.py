@@ -26,9 +26,9 @@ Design decisions:
   versions, lock hash, machine, date) and sets one torch thread: ``local`` runs it in this
   process (``--jobs 1``) or in a ``concurrent.futures.ProcessPoolExecutor`` of ``--jobs``
   spawned workers, handed one job per idle worker, the first ready one in plan order
-  (:func:`next_jobs`), so the (task, seed) groups finish in order; ``ray`` submits one Ray task per job (``num_cpus=1``), a job's artefacts
-  passed as object references so that Ray orders them, on ``ray.init(address=--address)`` or a
-  local instance of ``--jobs`` CPUs. Ray's workers find ``control`` through ``PYTHONPATH`` set
+  (:func:`next_jobs`), so the (task, seed) groups finish in order; ``ray`` submits one Ray
+  task per job (``num_cpus=1``), a job's artefacts passed as object references so that Ray
+  orders them, on ``ray.init(address=--address)`` or a local instance of ``--jobs`` CPUs. Ray's workers find ``control`` through ``PYTHONPATH`` set
   to this checkout (``runtime_env``), so a cluster needs the checkout at the same path.
 - ``ensemble=True`` (``run_suite``; the CLI's ``--ensemble``): after sharding and skipping
   the done runs, the remaining seeds of a ``presa`` / ``cpl`` (task, method) become one job
@@ -76,8 +76,8 @@ from llm_safepref.core.stats import mean_std
 from llm_safepref.core.tables import format_mean_std, markdown_table
 
 __all__ = ["RUN_FORMAT", "TABLE_FORMAT", "SuiteError", "Job", "SuiteRequest", "plan_jobs", "next_jobs",
-           "merge_ensembles", "parse_shard", "shard_jobs", "execute_job", "run_suite", "read_run_file", "aggregate", "default_work_dir",
-           "parse_overrides", "TABLE_FIELDS"]
+           "merge_ensembles", "parse_shard", "shard_jobs", "execute_job", "run_suite", "read_run_file", "aggregate",
+           "default_work_dir", "parse_overrides", "TABLE_FIELDS"]
 
 RUN_FORMAT = "control-suite-run-1"
 TABLE_FORMAT = "control-suite-table-1"
