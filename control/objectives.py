@@ -68,9 +68,14 @@ class PresaControlConfig:
     nu_init: float = field(default=1.0, metadata={"help": "Initial Lagrange multiplier nu."})
     nu_lr: float = field(default=0.5, metadata={"help": "Step size of nu's projected ascent."})
     nu_max: float = field(default=10.0, metadata={"help": "Upper bound of nu."})
+    safety_gradient: str = field(default="prob", metadata={
+        "help": "Policy gradient of the safety term (core presa_lagrangian): 'prob' (PRESA as written, saturates "
+                "when the observed label is near-impossible) or 'log_prob' (non-saturating; same value)."})
 
     def __post_init__(self):
         get_preference_loss(self.pref_loss)  # ValueError listing the valid names
+        if self.safety_gradient not in ("prob", "log_prob"):
+            raise ValueError(f"safety_gradient must be 'prob' or 'log_prob', got {self.safety_gradient!r}")
         if self.cpl_alpha <= 0 or self.beta <= 0 or self.safety_beta <= 0:
             raise ValueError(f"cpl_alpha, beta and safety_beta must be > 0, got {self.cpl_alpha}, {self.beta}, "
                              f"{self.safety_beta}")
@@ -116,7 +121,8 @@ class PresaSegmentObjective:
             raise ValueError(f"safety labels of shape {tuple(is_safe.shape)} for {tuple(logps.shape)} segments")
         p = safety_prob(logps, ref_logps, is_safe.to(logps.device), beta=self.cfg.safety_beta,
                         ref_point=self.cfg.safety_ref_point)
-        loss = presa_lagrangian(pref, p, self.multiplier.value, self.multiplier.delta)
+        loss = presa_lagrangian(pref, p, self.multiplier.value, self.multiplier.delta,
+                                safety_gradient=self.cfg.safety_gradient)
         return PresaTerms(loss, pref, p)
 
     def update_multiplier(self, safety_prob_: torch.Tensor | float) -> float:

@@ -574,6 +574,36 @@ def _steps_text(s: dict[str, Any]) -> str:
     return f"{s.get('steps')}" + (f" ({rest})" if rest else "")
 
 
+def data_builds(runs) -> dict[str, list[dict]]:
+    """Per task, the distinct behaviour-data builds its runs trained on (``created_utc``, revision, seeds).
+
+    A build is not bit-reproducible across machines (the SAC behaviour policies' float arithmetic
+    differs with the CPU's kernels, and chaos does the rest), so a rebuild on a fresh machine is
+    another dataset of the same seed; the table says when a task's seeds saw more than one.
+    """
+    out: dict[str, dict[tuple, dict]] = {}
+    for r in runs:
+        d = r.get("data") or {}
+        key = (d.get("created_utc"), d.get("git_revision"))
+        entry = out.setdefault(r["task"], {}).setdefault(
+            key, {"created_utc": key[0], "git_revision": key[1], "seeds": set(), "n_runs": 0})
+        entry["seeds"].add(r["seed"])
+        entry["n_runs"] += 1
+    return {task: [{**e, "seeds": sorted(e["seeds"])} for _, e in sorted(builds.items(), key=lambda kv: str(kv[0]))]
+            for task, builds in out.items()}
+
+
+def _data_builds_text(builds: dict[str, list[dict]]) -> str:
+    multi = {t: b for t, b in builds.items() if len(b) > 1}
+    if not multi:
+        return "\nData: every task's runs trained on one behaviour-data build.\n"
+    parts = [f"{t}: " + "; ".join(f"build {e['created_utc']} (seeds {', '.join(map(str, e['seeds']))}, "
+                                  f"{e['n_runs']} runs)" for e in b) for t, b in multi.items()]
+    return ("\nData: some tasks' runs trained on more than one build of the same data seed (a rebuild on a fresh "
+            "machine is not bit-identical; the std over seeds then includes the data's variation): "
+            + " | ".join(parts) + ".\n")
+
+
 def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str], None] | None = None) -> dict:
     """Merge ``out/runs/*.json`` into ``out/table.json`` and ``out/table.md``; returns the table.
 
@@ -658,6 +688,7 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
                  "dsrl_normalized_cost": "C / kappa"},
              "validation_criterion": summarize_validation([])["criterion"]}
     table["learner_steps"] = learner_steps(by.values(), method_order)
+    table["data_builds"] = data_builds(by.values())
     # The issue's views (methods -> name -> tasks / average), the paper's row, presa_table.json, the plots.
     table["method_order"] = method_order
     paper_md = write_paper_outputs(out, table, rows, by, command=table["command"])
@@ -680,6 +711,7 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
           + "\n" + paper_md
           + "\nSteps per learner (every phase; from the runs' configs): "
           + "; ".join(f"{m} {_steps_text(s)}" for m, s in table["learner_steps"].items()) + ".\n"
+          + _data_builds_text(table["data_builds"])
           + f"\nValidation: {table['validation_criterion']} (`control/learners/validation.py`)."
           + f"\n\nCommand: `{table['command']}`  \nRevision {table['git_revision']}, {table['machine']}, "
             f"{table['date']}.\n")

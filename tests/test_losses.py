@@ -86,6 +86,25 @@ def test_presa_with_zero_nu_is_the_preference_loss():
     assert L.presa_lagrangian(pref, p, 0.0, delta=0.9).item() == pytest.approx(0.5)
 
 
+def test_presa_log_prob_gradient_keeps_the_value_and_does_not_saturate():
+    ref = torch.zeros(2)
+    labels = torch.tensor([True, False])
+    # The safe segment made very unlikely (u = -8): p = sigmoid(-8) ~ 3e-4.
+    for form in ("prob", "log_prob"):
+        logps = torch.tensor([-80.0, 5.0], requires_grad=True)
+        p = L.safety_prob(logps, ref, labels, beta=0.1)
+        out = L.presa_lagrangian(torch.tensor([0.2]), p, 3.0, delta=0.7, safety_gradient=form)
+        assert out.item() == pytest.approx(0.2 + 3.0 * (0.7 - p.mean().item()), rel=1e-6)
+        out.backward()
+        u = -8.0
+        p_safe = 1.0 / (1.0 + math.exp(-u))
+        # d out / d logps[0] = -nu/2 * beta * g(p): g = p (1 - p) for "prob", (1 - p) for "log_prob".
+        g = p_safe * (1 - p_safe) if form == "prob" else 1 - p_safe
+        assert logps.grad[0].item() == pytest.approx(-3.0 / 2 * 0.1 * g, rel=1e-4)
+    with pytest.raises(ValueError, match="safety_gradient"):
+        L.presa_lagrangian(torch.tensor([0.2]), p.detach(), 1.0, delta=0.7, safety_gradient="logp")
+
+
 def test_presa_lagrangian_class_weights():
     pref = torch.tensor([0.4])
     p = torch.tensor([0.9, 0.7, 0.2], requires_grad=True)

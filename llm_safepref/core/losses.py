@@ -157,8 +157,19 @@ def presa_lagrangian(
     delta: float,
     weights: torch.Tensor | None = None,
     weight_total: float | torch.Tensor | None = None,
+    safety_gradient: str = "prob",
 ) -> torch.Tensor:
     """PRESA's Lagrangian ``mean(L_pref) + nu * (delta - mean(p(y | sigma)))``, a scalar.
+
+    ``safety_gradient`` picks the policy gradient of the safety term; the returned *value*
+    is the Lagrangian above either way. ``"prob"`` (PRESA as written) differentiates
+    ``-mean(p)``: its gradient in a segment's utility is ``p (1 - p)``, which vanishes once
+    the policy gives the observed label a probability near 0, so a policy that has made its
+    safe segments unlikely gets no push back however large nu grows (seen on control's
+    Circle, docs/control.md). ``"log_prob"`` differentiates ``-mean(log p)`` instead (the
+    non-saturating surrogate, as in GANs' generator loss): gradient ``1 - p``, largest where
+    the label is most violated, the same sign and the same fixed point. ``safety_prob``
+    must then be the probability itself (clamped from below at the float's tiny before the log).
 
     ``nu`` is the dual variable: it is a constant for the policy gradient (detached here),
     and is moved only by :meth:`LagrangeMultiplier.update`. ``weights`` (same shape as
@@ -170,7 +181,14 @@ def presa_lagrangian(
     """
     if isinstance(nu, torch.Tensor):
         nu = nu.detach()
-    return pref_loss.mean() + nu * (delta - weighted_mean(safety_prob, weights, total=weight_total))
+    constraint = delta - weighted_mean(safety_prob, weights, total=weight_total)
+    if safety_gradient == "log_prob":
+        surrogate = -weighted_mean(safety_prob.clamp(min=torch.finfo(safety_prob.dtype).tiny).log(), weights,
+                                   total=weight_total)
+        constraint = constraint.detach() + (surrogate - surrogate.detach())  # value: the constraint; gradient: -log p
+    elif safety_gradient != "prob":
+        raise ValueError(f"unknown safety_gradient {safety_gradient!r}; valid: 'prob', 'log_prob'")
+    return pref_loss.mean() + nu * constraint
 
 
 def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None,

@@ -381,3 +381,19 @@ def test_a_corrupted_run_file_is_named_and_redone(smoke_dataset, control_data_di
     with pytest.raises(SuiteError, match="is a 'smoke' run and this suite is 'small'"):
         run_suite(["run"], ["bc_safe"], [0], "small", out, work_dir=work, data_dir=str(control_data_dir),
                   say=lambda s: None)
+
+
+def test_data_builds_names_each_build_a_task_saw():
+    from control.suite import _data_builds_text, data_builds
+    a = {"created_utc": "2026-12-01T15:40:40Z", "git_revision": "9b162ce"}
+    b = {"created_utc": "2026-12-01T22:12:26Z", "git_revision": "ac1b499"}
+    runs = [{"task": "circle", "seed": 0, "data": a}, {"task": "circle", "seed": 0, "data": a},
+            {"task": "circle", "seed": 1, "data": b}, {"task": "run", "seed": 0, "data": a}]
+    builds = data_builds(runs)
+    assert [e["seeds"] for e in builds["circle"]] == [[0], [1]]
+    assert [e["n_runs"] for e in builds["circle"]] == [2, 1]
+    assert len(builds["run"]) == 1
+    text = _data_builds_text(builds)
+    assert "circle: build 2026-12-01T15:40:40Z (seeds 0, 2 runs); build 2026-12-01T22:12:26Z (seeds 1, 1 runs)" in text
+    assert "run:" not in text
+    assert "one behaviour-data build" in _data_builds_text({"run": builds["run"]})
