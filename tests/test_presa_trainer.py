@@ -314,6 +314,41 @@ def test_safety_term_matches_losses_module(tiny_model_path, tmp_path):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("form", ["prob", "log_prob"])
+def test_safety_gradient_reaches_the_trainer(tiny_model_path, tmp_path, form):
+    """``safety_gradient`` is the core's: the trainer's gradient is presa_lagrangian's with that form."""
+    from llm_safepref.losses import cpl_loss, presa_lagrangian, safety_prob
+
+    grads = {}
+    for run in ("trainer", "core"):
+        torch.manual_seed(0)
+        model, tok = load(tiny_model_path)
+        args = config(tmp_path, nu_init=2.0, safety_beta=0.5, safety_gradient=form)
+        trainer = PresaTrainer(model, args=args, train_dataset=make_dataset(8), processing_class=tok)
+        batch = _first_batch(trainer)
+        trainer.model.eval()
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        if run == "trainer":
+            loss = trainer.compute_loss(trainer.model, batch)
+        else:
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                      fused_lm_head=True)
+            logps = model(**kw).log_probs.sum(1)
+            with torch.no_grad():
+                ref = trainer.ref_model(**kw).log_probs.sum(1)
+            c, r = logps.chunk(2)
+            rc, rr = ref.chunk(2)
+            is_safe = torch.cat([batch["chosen_is_safe"], batch["rejected_is_safe"]])
+            loss = presa_lagrangian(cpl_loss(c - rc, r - rr, alpha=args.cpl_alpha, bias=args.cpl_bias),
+                                    safety_prob(logps, ref, is_safe, beta=0.5), 2.0, args.safety_delta,
+                                    safety_gradient=form)
+        loss.backward()
+        grads[run] = (loss.item(), weight.grad.detach().clone())
+    assert grads["trainer"][0] == pytest.approx(grads["core"][0], abs=1e-6)
+    torch.testing.assert_close(grads["trainer"][1], grads["core"][1], rtol=1e-4, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -334,6 +369,7 @@ def test_config_defaults_and_checks(tmp_path):
         (dict(safety_ref_point="high"), "safety_ref_point"),
         (dict(loss_type=["hinge"]), "pref_loss"),
         (dict(ld_alpha=0.5), "ld_alpha"),
+        (dict(safety_gradient="log"), "safety_gradient"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):

@@ -105,6 +105,17 @@ class PresaConfig(LabelledPreferenceConfig):
         },
     )
 
+    safety_gradient: str = field(
+        default="prob",
+        metadata={
+            "help": "Policy gradient of the safety term (core presa_lagrangian): 'prob' = PRESA as written, the "
+            "gradient of -p(y|sigma), which vanishes when the observed label has become near-impossible; "
+            "'log_prob' = the gradient of -log p(y|sigma), which does not. The loss value and the multiplier's "
+            "update are the same for both.",
+            "choices": ["prob", "log_prob"],
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         get_preference_loss(self.pref_loss)  # ValueError listing the valid names
@@ -116,6 +127,8 @@ class PresaConfig(LabelledPreferenceConfig):
                 and self.safety_safe_weight + self.safety_unsafe_weight > 0,
                 f"safety_safe_weight and safety_unsafe_weight must be >= 0 and not both 0, got "
                 f"{self.safety_safe_weight} and {self.safety_unsafe_weight}")
+        require(self.safety_gradient in ("prob", "log_prob"),
+                f"safety_gradient must be 'prob' or 'log_prob', got {self.safety_gradient!r}")
         self.safety_ref_point_value  # noqa: B018  (parses and validates)
 
     @property

@@ -121,7 +121,8 @@ class PresaTrainer(LabelledPreferenceTrainer):
         weights = self._safety_weights(is_safe, p)
         multiplier = self.multiplier
         loss = presa_lagrangian(pref_losses, p, multiplier.value, multiplier.delta, weights=weights,
-                                weight_total=self.global_weight_total(weights))
+                                weight_total=self.global_weight_total(weights),
+                                safety_gradient=args.safety_gradient)
 
         # nu sees the same (weighted) mean the loss constrains.
         self.record_constraint(sums, p, weights)
