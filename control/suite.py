@@ -41,8 +41,8 @@ Design decisions:
   ``DIR/table.md`` (:func:`aggregate`): mean ± std over seeds (``llm_safepref.core.stats.mean_std``)
   per (task, method) and averaged over tasks, of the paper's normalisation (``normalized_reward``
   = reward ÷ Oracle's of the same task and seed, both DSRL-normalised first since raw returns
-  can be negative; ``normalized_cost`` = cost ÷ Task-only's, ``(C + 1) / (C_task + 1)`` when
-  Task-only's is 0) and DSRL's (``dsrl_normalized_reward``, ``dsrl_normalized_cost``).
+  can be negative; ``normalized_cost`` = cost ÷ max(Task-only's, κ): the paper's ratio where
+  Task-only violates the budget, ``C / κ`` where it does not) and DSRL's (``dsrl_normalized_reward``, ``dsrl_normalized_cost``).
   Each row also says whether its runs' validation returns levelled off
   (``control.learners.validation``: the verdict stored in the run file, else read from its
   log): ``undertrained`` is True when some seed's curve did not, False when every seed's did,
@@ -69,7 +69,7 @@ from control.learners import (ARTEFACTS, ENSEMBLE_METHODS, METHODS, artefact_fil
                               get_method, method_names, train, train_artefact, train_ensemble)
 from control.learners.validation import read_validation, summarize_validation
 from control.tables import write_paper_outputs
-from control.tasks import task_names
+from control.tasks import get_spec, task_names
 from llm_safepref.core.paths import cache_root
 from llm_safepref.core.provenance import run_record, write_json
 from llm_safepref.core.stats import mean_std
@@ -610,8 +610,8 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
     Per run: ``dsrl_normalized_reward`` / ``dsrl_normalized_cost`` are its ``eval/normalized_*``
     (DSRL, mean over the held-out goals); ``normalized_reward`` = its DSRL reward ÷ the Oracle's
     of the same (task, seed) (None without an Oracle run or when the Oracle's is <= 0);
-    ``normalized_cost`` = its mean episode cost ÷ Task-only's of the same (task, seed), both + 1
-    when Task-only's cost is 0. Rows: mean ± std over seeds per (task, method) and, per method,
+    ``normalized_cost`` = its mean episode cost ÷ max(Task-only's of the same (task, seed), κ): the
+    paper's ratio where Task-only violates the budget κ, ``C / κ`` where Task-only is safe. Rows: mean ± std over seeds per (task, method) and, per method,
     ``task = "average"``: per seed the mean over its tasks, then mean ± std over the seeds.
     """
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -634,8 +634,12 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
         return {
             "normalized_reward": _ratio(m["eval/normalized_reward"],
                                         None if oracle is None else oracle["metrics"]["eval/normalized_reward"]),
-            "normalized_cost": None if ref_c is None else _ratio(m["eval/cost_mean"], ref_c,
-                                                                 1.0 if ref_c == 0 else 0.0),
+            # The paper's cost / Task-only's, with Task-only's floored at the budget kappa: the paper's
+            # ratio wherever Task-only violates the budget (its premise: Task-only is the unsafe
+            # reference), C / kappa where Task-only is itself safe (there a ratio to a small or zero
+            # cost would rank safe methods by noise, or call a safe method as unsafe as Task-only).
+            "normalized_cost": None if ref_c is None else _ratio(m["eval/cost_mean"],
+                                                                 max(ref_c, get_spec(r["task"]).cost_threshold)),
             "dsrl_normalized_reward": m["eval/normalized_reward"],
             "dsrl_normalized_cost": m["eval/normalized_cost"],
         }
@@ -682,8 +686,9 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
              "runs": sorted(f"{t}__{m}__seed{s}.json" for t, m, s in by), "rows": rows,
              "normalisation": {
                  "normalized_reward": "DSRL-normalised reward / Oracle's of the same task and seed",
-                 "normalized_cost": "episode cost / Task-only's of the same task and seed ((C + 1) / (C_task + 1) "
-                                    "when Task-only's is 0)",
+                 "normalized_cost": "episode cost / max(Task-only's of the same task and seed, kappa): the paper's "
+                                    "cost / Task-only's where Task-only violates the budget kappa, C / kappa where "
+                                    "Task-only is safe",
                  "dsrl_normalized_reward": "(R - R_min) / (R_max - R_min), references from the dataset's episodes",
                  "dsrl_normalized_cost": "C / kappa"},
              "validation_criterion": summarize_validation([])["criterion"]}
@@ -705,8 +710,8 @@ def aggregate(out: str | Path, *, command: str | None = None, say: Callable[[str
     md_rows = [[r["task"], r["method"], *(format_mean_std(r[f], r[f + "_std"]) for f in TABLE_FIELDS), r["n_seeds"],
                 verdict(r)] for r in rows]
     md = (f"# Control suite ({table['scale']})\n\n"
-          f"Mean ± std over seeds; normalized reward = reward ÷ Oracle's, normalized cost = cost ÷ Task-only's "
-          f"(paper form); DSRL: (R − R_min)/(R_max − R_min) and C/κ.\n\n"
+          f"Mean ± std over seeds; normalized reward = reward ÷ Oracle's, normalized cost = cost ÷ max(Task-only's, κ) "
+          f"(paper form where Task-only is unsafe, C/κ where it is safe); DSRL: (R − R_min)/(R_max − R_min) and C/κ.\n\n"
           + markdown_table(headers, md_rows, align=["l", "l", "r", "r", "r", "r", "r", "l"])
           + "\n" + paper_md
           + "\nSteps per learner (every phase; from the runs' configs): "

@@ -253,12 +253,12 @@ def _write_run(out, task, method, seed, dsrl_reward, cost, kappa):
 
 
 def test_aggregate_normalisations_by_hand(tmp_path):
-    # run (kappa 10): Oracle's DSRL reward 0.8 / 0.5; Task-only's cost 4 / 0.
-    for seed, (o_r, t_c, p_r, p_c) in enumerate([(0.8, 4.0, 0.4, 2.0), (0.5, 0.0, 0.5, 1.0)]):
+    # run (kappa 10): Oracle's DSRL reward 0.8 / 0.5; Task-only's cost 40 / 0.
+    for seed, (o_r, t_c, p_r, p_c) in enumerate([(0.8, 40.0, 0.4, 2.0), (0.5, 0.0, 0.5, 1.0)]):
         _write_run(tmp_path, "run", "oracle", seed, o_r, 0.0, 10)
         _write_run(tmp_path, "run", "task_only", seed, 0.9, t_c, 10)
         _write_run(tmp_path, "run", "presa", seed, p_r, p_c, 10)
-    # circle: one seed; Oracle 0.4, Task-only cost 5; PRESA 0.2, cost 1.
+    # circle: one seed; Oracle 0.4, Task-only cost 5 (within kappa 10: C / kappa); PRESA 0.2, cost 1.
     _write_run(tmp_path, "circle", "oracle", 0, 0.4, 0.0, 10)
     _write_run(tmp_path, "circle", "task_only", 0, 0.9, 5.0, 10)
     _write_run(tmp_path, "circle", "presa", 0, 0.2, 1.0, 10)
@@ -270,18 +270,21 @@ def test_aggregate_normalisations_by_hand(tmp_path):
     run = rows[("run", "presa")]
     # reward / Oracle's: 0.4 / 0.8 = 0.5 and 0.5 / 0.5 = 1 -> 0.75 ± sd(0.5, 1) = 0.35355.
     assert run["normalized_reward"] == pytest.approx(0.75) and run["normalized_reward_std"] == pytest.approx(math.sqrt(0.125))
-    # cost / Task-only's: 2 / 4 = 0.5; Task-only's 0 -> (1 + 1) / (0 + 1) = 2 -> 1.25 ± 1.06066.
-    assert run["normalized_cost"] == pytest.approx(1.25) and run["normalized_cost_std"] == pytest.approx(math.sqrt(1.125))
+    # cost / max(Task-only's, kappa 10): Task-only's 40 (unsafe) -> 2 / 40 = 0.05; Task-only's 0 (safe)
+    # -> 1 / 10 = 0.1 -> 0.075 ± 0.035355.
+    assert run["normalized_cost"] == pytest.approx(0.075) and run["normalized_cost_std"] == pytest.approx(math.sqrt(0.00125))
     assert run["dsrl_normalized_cost"] == pytest.approx(0.15) and run["n_seeds"] == 2
     circle = rows[("circle", "presa")]
     assert (circle["normalized_reward"], circle["normalized_cost"], circle["normalized_reward_std"]) == \
-        pytest.approx((0.5, 0.2, 0.0))
+        pytest.approx((0.5, 0.1, 0.0))
+    assert rows[("circle", "task_only")]["normalized_cost"] == pytest.approx(0.5)
+    assert rows[("run", "task_only")]["normalized_cost"] == pytest.approx((1.0 + 0.0) / 2)
     # Average: per seed the mean over its tasks: seed 0 (0.5 + 0.5) / 2 = 0.5, seed 1 1.0 -> 0.75.
     avg = rows[("average", "presa")]
     assert avg["normalized_reward"] == pytest.approx(0.75) and avg["n_seeds"] == 2 and avg["n_tasks"] == 2
-    assert avg["normalized_cost"] == pytest.approx(((0.5 + 0.2) / 2 + 2.0) / 2)
+    assert avg["normalized_cost"] == pytest.approx(((0.05 + 0.1) / 2 + 0.1) / 2)
     assert rows[("run", "oracle")]["normalized_reward"] == pytest.approx(1.0)
-    assert table["tasks"] == ["run", "circle"] and "| circle | presa | 0.500 ± 0.000 | 0.200 ± 0.000 |" in \
+    assert table["tasks"] == ["run", "circle"] and "| circle | presa | 0.500 ± 0.000 | 0.100 ± 0.000 |" in \
         (tmp_path / "table.md").read_text()
 
 
