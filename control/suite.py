@@ -543,12 +543,10 @@ def _levelled_off(record: dict) -> bool | None:
     return None
 
 
-def _ratio(x: float | None, ref: float | None, eps: float = 0.0) -> float | None:
-    if x is None or ref is None:
+def _ratio(x: float | None, ref: float | None) -> float | None:
+    if x is None or ref is None or ref <= 1e-12:
         return None
-    if ref + eps <= 1e-12:
-        return None
-    return (x + eps) / (ref + eps)
+    return x / ref
 
 
 #: The config fields that count a learner's steps (all phases, then each phase that has its own field).
