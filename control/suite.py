@@ -20,7 +20,8 @@ Design decisions:
   need other artefacts), puts every artefact after the ones it needs (depth-first, a cycle is
   an error) and plans each (task, artefact, seed) once however many jobs need it. An artefact
   is done when its record exists and every file it declares (``artefact_files``) is in its
-  folder.
+  folder; one that is not done is still skipped when every job that needs it is done
+  (:func:`drop_unneeded_artefacts`), so ``--aggregate`` on another machine trains nothing.
 - Backends run the same job function, :func:`execute_job`, which writes the run file with the
   toolkit's run record (``llm_safepref.core.provenance.run_record``: command, git revision,
   versions, lock hash, machine, date) and sets one torch thread: ``local`` runs it in this
@@ -170,6 +171,22 @@ def plan_jobs(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
                 deps = tuple(planned[a].key for a in get_method(m).artefacts)
                 jobs.append(Job("run", task, m, seed, deps))
     return jobs
+
+
+def drop_unneeded_artefacts(todo: Sequence[Job]) -> list[Job]:
+    """``todo`` (dependency order) without the artefacts no pending job needs, directly or through another artefact.
+
+    An artefact whose files are gone from the work folder (another machine, a cleaned cache) but whose
+    dependants all have their result files is not retrained: aggregating finished results trains nothing.
+    """
+    needed: set[str] = set()
+    kept: list[Job] = []
+    for job in reversed(todo):  # dependants come after what they need
+        if job.kind == "artefact" and job.key not in needed:
+            continue
+        kept.append(job)
+        needed.update(job.deps)
+    return kept[::-1]
 
 
 def merge_ensembles(jobs: Sequence[Job]) -> list[Job]:
@@ -505,12 +522,16 @@ def run_suite(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
                        data_seed=data_seed, overrides=parse_overrides(overrides, methods), command=command)
     planned = shard_jobs(plan_jobs(tasks, methods, seeds), parse_shard(shard))
     todo = [j for j in planned if not _is_done(req, j, say)]
+    unneeded = [j.key for j in todo if j.kind == "artefact"]
+    todo = drop_unneeded_artefacts(todo)
+    unneeded = [k for k in unneeded if k not in {j.key for j in todo}]
     missing = sorted({j.task for j in todo if not dataset_path(j.task, scale, data_seed, data_dir).exists()})
     if missing:
         raise SuiteError(f"no {scale} dataset for task(s) {', '.join(missing)} (seed {data_seed}); build with: "
                          f"{build_command(' '.join(missing), scale, data_seed, data_dir)}")
-    say(f"suite: {len(planned)} jobs ({len(planned) - len(todo)} done already), backend {backend}, "
-        f"{jobs} worker(s); results {out}, checkpoints {req.work_dir}")
+    say(f"suite: {len(planned)} jobs ({len(planned) - len(todo) - len(unneeded)} done already"
+        + (f", {len(unneeded)} artefact(s) not needed: every run that reads them is done" if unneeded else "")
+        + f"), backend {backend}, {jobs} worker(s); results {out}, checkpoints {req.work_dir}")
     if ensemble:
         merged = merge_ensembles(todo)
         for j in merged:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,19 @@ def test_every_method_runs_through_the_suite_and_a_rerun_skips_them(smoke_datase
     assert main(args) == 0
     assert f"{len(plan)} jobs ({len(plan)} done already)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == mtimes
+    # On a machine without the work folder (the artefacts' files gone) aggregating finished runs trains nothing ...
+    shutil.rmtree(work / "artefacts")
+    records = {p: p.read_bytes() for p in (out / "artefacts").iterdir()}
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(plan)} jobs ({len(plan) - 4} done already, 4 artefact(s) not needed" in printed and "0 of 0 jobs ran" in printed
+    assert {p: p.read_bytes() for p in (out / "artefacts").iterdir()} == records
+    assert not (work / "artefacts").exists()
+    # ... and a missing run retrains just the artefact it reads.
+    (out / "runs" / "run__rc_0.5__seed0.json").unlink()
+    assert main(args) == 0
+    assert "2 of 2 jobs ran" in capsys.readouterr().out
+    assert sorted(p.name for p in (work / "artefacts").iterdir()) == ["run__reward_model__seed0"]
 
 
 # --------------------------------------------------------------------------- resume after a kill
