@@ -398,5 +398,10 @@ def test_the_suite_trains_the_shared_encoder_once_for_both_methods(smoke_dataset
         assert read_run_file(out / "runs" / f"run__{m}__seed0.json")["artefacts"] == {"latent_encoder": enc}
     assert json.loads((out / "artefacts" / "run__latent_encoder__seed0.json").read_text())["kind"] == "latent_encoder"
     (work / "artefacts" / "run__latent_encoder__seed0" / "latent_encoder.pt").unlink()  # a declared file missing
+    assert main(args) == 0  # every run that reads it is done: not retrained
+    assert "3 jobs (2 done already, 1 artefact(s) not needed" in capsys.readouterr().out
+    assert not (work / "artefacts" / "run__latent_encoder__seed0" / "latent_encoder.pt").exists()
+    (out / "runs" / "run__safe_vpl_shared__seed0.json").unlink()  # now a run needs it
     assert main(args) == 0
-    assert "3 jobs (2 done already)" in capsys.readouterr().out  # the artefact is redone (from its checkpoint)
+    assert "3 jobs (1 done already)" in capsys.readouterr().out  # the artefact is redone (from its checkpoint)
+    assert (work / "artefacts" / "run__latent_encoder__seed0" / "latent_encoder.pt").exists()
