@@ -1,6 +1,6 @@
 """Export the kept answers of Safe-CPL and Task-only for blind, project labelling.
 
-    python scripts/export_label_set.py --run results/safe_cpl_runs/main_seed0.json \\
+    python scripts/export_label_set.py --run results/safe_cpl_crowd_v1/runs/main_seed0.json \\
         --out llm_safepref/methods/safe_cpl/labels/main_seed0_answers.jsonl
 
 Writes one JSONL row per (method, test prompt): ``id`` (``<method>|<prompt_id>``), ``method``,
@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from llm_safepref.core.cli import ToolParser  # noqa: E402
 
-DEFAULT_RUN = "results/safe_cpl_runs/main_seed0.json"
+DEFAULT_RUN = "results/safe_cpl_crowd_v1/runs/main_seed0.json"
 DEFAULT_OUT = "llm_safepref/methods/safe_cpl/labels/main_seed0_answers.jsonl"
 #: The methods whose kept answers are labelled (issue #11: Safe-CPL and Task-only).
 METHODS = ("task_only", "safe_cpl_search", "safe_cpl_amortized")

@@ -101,6 +101,12 @@ def aggregate(args) -> dict:
     if ("main", args.seeds[0]) not in records:
         raise SystemExit(f"no main run of seed {args.seeds[0]} in {runs} (it holds the reference methods): run "
                          f"`python scripts/safe_cpl_table.py --seeds {args.seeds[0]} --arms main` first")
+    versions = {key: rec.get("dataset_version", "unrecorded") for key, rec in records.items()}
+    if len(set(versions.values())) > 1:
+        raise SystemExit(f"the runs in {runs} trained on different crowd data ("
+                         + ", ".join(f"{arm}_seed{seed}: {v}" for (arm, seed), v in sorted(versions.items()))
+                         + "); keep one dataset version per --runs_dir")
+    dataset_version = next(iter(versions.values()))
     first = records[("main", args.seeds[0])]["outcomes"]
     oracle, task_only = first["oracle"], first["task_only"]
     methods = {}
@@ -126,6 +132,7 @@ def aggregate(args) -> dict:
     timings = {f"{arm}_seed{seed}": rec.get("timings_s", {}).get("total_s") for (arm, seed), rec in records.items()}
     record = run_record(
         methods=methods, personalization=personalization, seeds=list(args.seeds), missing_methods=missing,
+        dataset_version=dataset_version,
         n_prompts=len(first["task_only"]["prompt_ids"]),
         runs={f"{arm}_seed{seed}": str(runs / f"{arm}_seed{seed}.json") for (arm, seed) in records},
         run_commands={f"{arm}_seed{seed}": rec.get("command") for (arm, seed), rec in records.items()},
@@ -136,7 +143,7 @@ def aggregate(args) -> dict:
             "base samples")
     out = Path(args.out)
     write_json(out, record)
-    md = [f"# Safe-CPL at token level (embedded model, crowd-v1)\n",
+    md = [f"# Safe-CPL at token level (embedded model, {dataset_version})\n",
           f"`{record['command']}` ({record['date']}, {record['machine']})\n",
           format_table(methods, markdown=True), ""]
     if personalization:

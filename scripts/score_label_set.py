@@ -1,7 +1,7 @@
 """Score the project-labelled Safe-CPL answers against the judge that the downstream table uses.
 
-    python scripts/score_label_set.py --run results/safe_cpl_runs/main_seed0.json \\
-        --out results/safe_cpl_project_labels.json
+    python scripts/score_label_set.py --run results/safe_cpl_crowd_v1/runs/main_seed0.json \\
+        --out results/safe_cpl_crowd_v1/project_labels.json
 
 Reads the blind answer file (``scripts/export_label_set.py``), the project's labels of it
 (``docs/judge_audit_guidelines.md``, v1) and the run's stored per-prompt outcomes (the judge's
@@ -60,10 +60,10 @@ from llm_safepref.core.provenance import current_command, run_record, write_json
 from llm_safepref.core.stats import CONFIDENCE, mcnemar_exact, paired_bootstrap, wilson_interval  # noqa: E402
 from llm_safepref.core.tables import format_with_ci, markdown_table  # noqa: E402
 
-DEFAULT_RUN = "results/safe_cpl_runs/main_seed0.json"
+DEFAULT_RUN = "results/safe_cpl_crowd_v1/runs/main_seed0.json"
 DEFAULT_ANSWERS = "llm_safepref/methods/safe_cpl/labels/main_seed0_answers.jsonl"
 DEFAULT_LABELS = "llm_safepref/methods/safe_cpl/labels/main_seed0_labels.jsonl"
-DEFAULT_OUT = "results/safe_cpl_project_labels.json"
+DEFAULT_OUT = "results/safe_cpl_crowd_v1/project_labels.json"
 GUIDELINES = "docs/judge_audit_guidelines.md (v1)"
 HARMFUL = ("harmful",)
 ANSWERABLE = ("benign", "look_dangerous")

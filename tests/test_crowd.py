@@ -16,6 +16,7 @@ from llm_safepref.crowd.build import (
     imbalanced_rows,
     make_pairs,
     parse_imbalance,
+    safety_label,
     style_plan,
 )
 from llm_safepref.crowd.context import ContextError, draw_context_sets
@@ -216,6 +217,27 @@ def test_pairs_on_harmful_prompts_put_safety_first():
     assert got == {("h#s1", "h#s0"), ("h#s1", "h#s2"), ("h#s0", "h#s2")}
     both_unsafe = [r for r in rows if not r["chosen_is_safe"]]
     assert len(both_unsafe) == 1 and not both_unsafe[0]["rejected_is_safe"]
+
+
+def test_safety_rules_by_hand():
+    def c(category, judge_safe, judge_refusal, kind="sample"):
+        return {"category": category, "kind": kind, "judge_is_safe": judge_safe, "judge_is_refusal": judge_refusal}
+
+    # An answer to a harmful prompt that the judge calls harmless: safe by the judge alone (crowd-v1), unsafe when
+    # the crowd's standard is to refuse harmful requests (crowd-v2); the model's own refusal is safe under both.
+    assert safety_label(c("harmful", True, False), "judge") is True
+    assert safety_label(c("harmful", True, False), "refuse_harmful") is False
+    assert safety_label(c("harmful", True, True), "refuse_harmful") is True
+    assert safety_label(c("harmful", False, True), "refuse_harmful") is False  # a "refusal" the judge calls harmful
+    for rule in ("judge", "refuse_harmful"):
+        for cat in ("benign", "look_dangerous"):
+            assert safety_label(c(cat, True, False), rule) is True
+            assert safety_label(c(cat, False, False), rule) is False
+        assert safety_label(c("harmful", False, False, kind="written_refusal"), rule) is True  # by construction
+    with pytest.raises(ValueError, match="refuse_harmful"):
+        safety_label(c("benign", True, False), "nope")
+    with pytest.raises(ValueError, match="safety_rule must be one of"):
+        CrowdConfig(safety_rule="nope")
 
 
 def test_identical_texts_never_pair():
@@ -528,8 +550,43 @@ def test_small_build_is_deterministic(small_crowd, tiny_model_path, tmp_path):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def test_relabel_changes_the_safety_rule_and_only_the_labels(small_crowd, tmp_path, capsys):
+    from llm_safepref.crowd.__main__ import main as crowd_main
+    from llm_safepref.crowd.build import relabel_crowd
+
+    _, out = small_crowd
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["safety_rule"] == "refuse_harmful" and manifest["version"] == "crowd-v2"
+    judge = relabel_crowd(out, tmp_path / "judge", safety_rule="judge", command="pytest relabel")
+    back = relabel_crowd(judge, tmp_path / "back", safety_rule="refuse_harmful")
+    # Relabelling is lossless: back to the first rule gives the first build's files byte for byte.
+    names = [p.relative_to(out) for p in sorted(out.rglob("*")) if p.is_file() and p.name not in
+             ("manifest.json", "_COMPLETE")]
+    assert len(names) >= 18
+    for name in names:
+        assert (back / name).read_bytes() == (out / name).read_bytes(), name
+    m = json.loads((judge / "manifest.json").read_text())
+    assert m["config"]["safety_rule"] == "judge" and m["relabelled_from"]["path"] == str(out)
+    assert m["command"] == "pytest relabel" and m["samples"]["n_nonempty"] == manifest["samples"]["n_nonempty"]
+    # Under the judge rule, is_safe is the judge's verdict (written refusals aside); the texts are the same.
+    first, relab = _jsonl(out / "samples.jsonl"), _jsonl(judge / "samples.jsonl")
+    assert [c["response"] for c in relab] == [c["response"] for c in first]
+    for c in relab:
+        assert c["is_safe"] == (True if c["kind"] == "written_refusal" else c["judge_is_safe"])
+    for c in first:  # refuse_harmful: no non-refusal answer of a harmful prompt is safe
+        if c["category"] == "harmful" and not c["is_refusal"]:
+            assert c["is_safe"] is False
+    # The CLI; a source that is not a build, and the source itself as the output, are errors.
+    assert crowd_main(["relabel", "--from", str(out), "--out", str(tmp_path / "cli"), "--safety_rule", "judge"]) == 0
+    assert (tmp_path / "cli" / "crowd_train.jsonl").read_bytes() == (judge / "crowd_train.jsonl").read_bytes()
+    with pytest.raises(FileNotFoundError, match="not a complete crowd build"):
+        relabel_crowd(tmp_path / "nothing", tmp_path / "x")
+    with pytest.raises(ValueError, match="must differ from the source"):
+        relabel_crowd(out, out, force=True)
+
+
 def test_the_shipped_build_is_complete_and_clean(monkeypatch, tmp_path):
-    """The crowd-v1 seed-0 build ships in the package: complete, prompts bare, splits disjoint."""
+    """The crowd-v2 seed-0 build ships in the package: complete, prompts bare, splits disjoint."""
     from llm_safepref.crowd import STYLE_INSTRUCTIONS, load_crowd_dataset
     from llm_safepref.crowd.load import crowd_folder, packaged_crowd_dir
 
@@ -537,10 +594,16 @@ def test_the_shipped_build_is_complete_and_clean(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "empty-cache"))
     assert crowd_folder() == packaged_crowd_dir(0)
     manifest = json.loads((packaged_crowd_dir(0) / "manifest.json").read_text())
-    assert manifest["truncated"] is False and manifest["version"] == "crowd-v1"
+    assert manifest["truncated"] is False and manifest["version"] == "crowd-v2"
+    assert manifest["config"]["safety_rule"] == "refuse_harmful" and manifest["relabelled_from"]["version"] == "crowd-v1"
     train = load_crowd_dataset("embedded", split="train")
     test = load_crowd_dataset("embedded", split="test")
-    assert len(train) == manifest["counts"]["crowd_train.jsonl"]["n_pairs"] == 3696
+    assert len(train) == manifest["counts"]["crowd_train.jsonl"]["n_pairs"] == 3720
+    # The crowd's standard: on a harmful prompt only a refusal is safe, and every user ranks it above every answer.
+    harmful = [r for r in train if r["category"] == "harmful"]
+    assert all(r["chosen_is_safe"] == r["chosen_is_refusal"] for r in harmful)
+    assert all(r["chosen_is_refusal"] for r in harmful if r["rejected_is_safe"] is False and r["chosen_is_safe"])
+    assert not any(r["rejected_is_refusal"] and not r["chosen_is_refusal"] for r in harmful)
     assert set(train["user_id"]) == {"concise", "structured", "summary_first", "second_person", "one_paragraph"}
     instructions = list(STYLE_INSTRUCTIONS.values())
     for prompt in set(train["prompt"]):

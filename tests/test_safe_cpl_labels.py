@@ -1,8 +1,8 @@
 """The project-labelled Safe-CPL answers (issue #11): the files, their join with the run, the recount.
 
 Files: ``llm_safepref/methods/safe_cpl/labels/main_seed0_{answers,labels}.jsonl`` (data card
-``data_cards/safe_cpl_label_set.md``), the run ``results/safe_cpl_runs/main_seed0.json`` and the
-figures ``results/safe_cpl_project_labels.json`` (``scripts/score_label_set.py``).
+``data_cards/safe_cpl_label_set.md``), the run ``results/safe_cpl_crowd_v1/runs/main_seed0.json`` and the
+figures ``results/safe_cpl_crowd_v1/project_labels.json`` (``scripts/score_label_set.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 LABEL_DIR = REPO / "llm_safepref" / "methods" / "safe_cpl" / "labels"
 ANSWERS = LABEL_DIR / "main_seed0_answers.jsonl"
 LABELS = LABEL_DIR / "main_seed0_labels.jsonl"
-RUN = REPO / "results" / "safe_cpl_runs" / "main_seed0.json"
-RESULTS = REPO / "results" / "safe_cpl_project_labels.json"
+RUN = REPO / "results" / "safe_cpl_crowd_v1" / "runs" / "main_seed0.json"
+RESULTS = REPO / "results" / "safe_cpl_crowd_v1" / "project_labels.json"
 METHODS = ("task_only", "safe_cpl_search", "safe_cpl_amortized")
 ANSWER_FIELDS = {"id", "method", "prompt_id", "category", "prompt", "response"}
 LABELLER = "project (AI engineer, guidelines v1)"

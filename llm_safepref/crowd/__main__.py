@@ -1,5 +1,6 @@
 """``python -m llm_safepref.crowd build [--out DIR] [--seed N] [--samples_per_prompt K] [--max_new_tokens T]
-[--limit N] [--imbalance GROUP:RATIO] ...`` and ``python -m llm_safepref.crowd users``."""
+[--limit N] [--imbalance GROUP:RATIO] [--safety_rule R] ...``, ``python -m llm_safepref.crowd relabel --from DIR
+[--safety_rule R] ...`` and ``python -m llm_safepref.crowd users``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def _none_or_int(value: str):
 
 
 def _parser() -> ToolParser:
-    from llm_safepref.crowd.build import CrowdConfig
+    from llm_safepref.crowd.build import SAFETY_RULES, CrowdConfig
 
     d = CrowdConfig()
     parser = ToolParser(prog="python -m llm_safepref.crowd",
@@ -42,7 +43,18 @@ def _parser() -> ToolParser:
     b.add_argument("--batch_size", type=int, default=d.batch_size)
     b.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 1: the CPU is shared)")
     b.add_argument("--max_minutes", type=float, default=d.max_minutes, help="wall-clock guard of the sampling")
+    b.add_argument("--safety_rule", default=d.safety_rule, choices=sorted(SAFETY_RULES),
+                   help="how is_safe follows from the judge: " + "; ".join(f"{k}: {v}" for k, v in SAFETY_RULES.items()))
     b.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    r = sub.add_parser("relabel", help="a new build from a complete build's samples and judge verdicts, with another "
+                                       "safety rule (no generation, no judging: seconds)")
+    r.add_argument("--from", dest="source", required=True, help="a complete crowd build folder")
+    r.add_argument("--out", default=None, help="output folder; none given: cache_root()/crowd/<version>-seed<seed>")
+    r.add_argument("--safety_rule", default=d.safety_rule, choices=sorted(SAFETY_RULES))
+    r.add_argument("--margin", type=float, default=None, help="default: the source's")
+    r.add_argument("--max_pairs_per_prompt", type=int, default=None, help="default: the source's")
+    r.add_argument("--imbalance", default=None, help="GROUP:RATIO or 'none'; default: the source's")
+    r.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     sub.add_parser("users", help="print the crowd, the held-out users and the downstream goal")
     return parser
 
@@ -57,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(["user", "role", "group", "goal"],
                              [[u.user_id, u.role, u.group, u.goal.describe()] for u in all_users()]))
         return 0
-    from llm_safepref.crowd.build import CrowdConfig, build_crowd
+    from llm_safepref.crowd.build import CrowdConfig, build_crowd, relabel_crowd
 
+    command = "python -m llm_safepref.crowd " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.cmd == "relabel":
+        imb = ... if args.imbalance is None else (None if args.imbalance.lower() in ("none", "") else args.imbalance)
+        print(relabel_crowd(args.source, args.out, safety_rule=args.safety_rule, margin=args.margin,
+                            max_pairs_per_prompt=args.max_pairs_per_prompt, imbalance=imb, force=args.force,
+                            command=command))
+        return 0
     imbalance = None if str(args.imbalance).lower() in ("none", "") else args.imbalance
     cfg = CrowdConfig(seed=args.seed, model=args.model, benchmark=args.benchmark,
                       samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, limit=args.limit,
@@ -66,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                       n_look_dangerous=tuple(args.n_look_dangerous), imbalance=imbalance, margin=args.margin,
                       max_pairs_per_prompt=args.max_pairs_per_prompt, diversify=not args.no_diversify,
                       add_written_refusal=not args.no_written_refusal, batch_size=args.batch_size, threads=args.threads,
-                      max_minutes=args.max_minutes)
-    print(build_crowd(cfg, args.out, force=args.force))
+                      max_minutes=args.max_minutes, safety_rule=args.safety_rule)
+    print(build_crowd(cfg, args.out, force=args.force, command=command))
     return 0
 
 

@@ -242,9 +242,22 @@ class SafeCPLRecipeRun:
         self.timings["stage1_train_s"] = round(time.time() - t0, 1)
 
     def save(self) -> str:
-        name = "crowd-v1" if self.script_args.dataset_name == "embedded" else str(self.script_args.dataset_name)
+        name = self.dataset_version()
         repo = self.repo_id() if self.push_to_hub else None
         return self.trainer.save_artifact(str(self.output_dir), dataset_name=name, repo_id=repo)
+
+    def dataset_version(self) -> str:
+        """The crowd build's version (``crowd-v2``...) for ``embedded``, else the dataset name or path."""
+        if self.script_args.dataset_name != "embedded":
+            return str(self.script_args.dataset_name)
+        import json
+
+        from llm_safepref.crowd.load import crowd_folder
+
+        try:
+            return str(json.loads((crowd_folder() / "manifest.json").read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            return "embedded"
 
     def repo_id(self) -> str:
         return self.script_args.hub_repo_id or self.training_args.hub_model_id or self.output_dir.name
@@ -522,7 +535,7 @@ class SafeCPLRecipeRun:
         state = self.trainer.state if self.trainer is not None else None
         train_logs = [e for e in state.log_history if "loss" in e and "train_runtime" not in e] if state else []
         record = run_record(
-            method="safe_cpl", base_model=self.base_model, dataset=sa.dataset_name,
+            method="safe_cpl", base_model=self.base_model, dataset=sa.dataset_name, dataset_version=self.dataset_version(),
             crowd_imbalanced=sa.crowd_imbalanced, seed=ta.seed, global_step=state.global_step if state else None, stage1_artifact=sa.stage1_artifact,
             final_train_loss=train_logs[-1]["loss"] if train_logs else None,
             downstream_benchmark=self.downstream_benchmark, downstream_task=(
