@@ -63,7 +63,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from control.data import SCALES, dataset_path
 from control.learners import (ARTEFACTS, ENSEMBLE_METHODS, METHODS, artefact_files, build_command, default_config,

@@ -78,7 +78,6 @@ def run_arms(args) -> list[Path]:
 
 
 def aggregate(args) -> dict:
-    import numpy as np
 
     from llm_safepref.core.provenance import run_record, write_json
     from llm_safepref.core.stats import seed_summary
