@@ -78,7 +78,6 @@ def run_arms(args) -> list[Path]:
 
 
 def aggregate(args) -> dict:
-
     from llm_safepref.core.provenance import run_record, write_json
     from llm_safepref.core.stats import seed_summary
     from llm_safepref.methods.safe_cpl.downstream import format_table, method_metrics
