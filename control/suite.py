@@ -521,10 +521,10 @@ def run_suite(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
     req = SuiteRequest(scale=scale, out=str(out), work_dir=str(work_dir or default_work_dir(out)), data_dir=data_dir,
                        data_seed=data_seed, overrides=parse_overrides(overrides, methods), command=command)
     planned = shard_jobs(plan_jobs(tasks, methods, seeds), parse_shard(shard))
-    todo = [j for j in planned if not _is_done(req, j, say)]
-    unneeded = [j.key for j in todo if j.kind == "artefact"]
-    todo = drop_unneeded_artefacts(todo)
-    unneeded = [k for k in unneeded if k not in {j.key for j in todo}]
+    not_done = [j for j in planned if not _is_done(req, j, say)]
+    todo = drop_unneeded_artefacts(not_done)
+    kept = {j.key for j in todo}
+    unneeded = [j.key for j in not_done if j.key not in kept]
     missing = sorted({j.task for j in todo if not dataset_path(j.task, scale, data_seed, data_dir).exists()})
     if missing:
         raise SuiteError(f"no {scale} dataset for task(s) {', '.join(missing)} (seed {data_seed}); build with: "
