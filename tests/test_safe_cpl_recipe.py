@@ -157,12 +157,13 @@ def test_stage2_and_baselines_on_a_benchmark_build(tiny_model_path, tmp_path, ca
     assert record["rc_reward_model"]["train_pairs"] > 0 and record["amortized_policy"][0]["round"] == 1
     assert "safe_cpl_search" in proc.stdout and "normalized_reward" in proc.stdout
     assert (out / "downstream.md").is_file()
+    assert record["base_candidates"]["source"] == "sampled" and Path(record["base_candidates"]["file"]).is_file()
     # A second run from the saved artefact (no training) reuses the base model's cached candidates.
     proc = _run([sys.executable, str(RECIPE), *_args(tiny_model_path, data, tmp_path / "run2"), "--downstream",
                  str(bench), "--eval_limit_per_category", "3", "--num_candidates", "2", "--stage2_methods", "search",
                  "--baselines", "task_only", "oracle", "--eval_max_new_tokens", "8", "--stage1_artifact", str(out)],
                 _env(cache), timeout=600)
-    assert "base model's candidates: cached" in proc.stdout
+    assert "base model's candidates: user-cache" in proc.stdout
     assert f"safe_cpl stage 1 loaded from {out}" in proc.stdout and "stage 1 finished" not in proc.stdout
     assert not (tmp_path / "run2" / "adapter_model.safetensors").exists()
     second = json.loads((tmp_path / "run2" / "downstream.json").read_text())
@@ -171,12 +172,26 @@ def test_stage2_and_baselines_on_a_benchmark_build(tiny_model_path, tmp_path, ca
     assert second["outcomes"]["safe_cpl_search"]["response"] == record["outcomes"]["safe_cpl_search"]["response"]
     assert set(second["methods"]) == {"task_only", "oracle", "safe_cpl_search"}
     assert second["stage2_prior"]["source"] == "learned"
-    # --stage2_prior users: stage 2 draws around the training users' posterior means (users.json).
-    proc = _run([sys.executable, str(RECIPE), *_args(tiny_model_path, data, tmp_path / "run3"), "--downstream",
-                 str(bench), "--eval_limit_per_category", "3", "--num_candidates", "2", "--stage2_methods", "search",
-                 "--baselines", "task_only", "oracle", "--eval_max_new_tokens", "8", "--stage1_artifact", str(out),
-                 "--stage2_prior", "users"], _env(cache), timeout=600)
+    assert second["base_candidates"] == {**record["base_candidates"], "source": "user-cache"}
+    # --stage2_prior users: stage 2 draws around the training users' posterior means (users.json); the base
+    # candidates come from the package's shipped copy when this machine's cache has none (moved there for
+    # the run: its key is the tiny model's, so no shipped entry of the defaults is touched).
+    from llm_safepref.recipes.safe_cpl import BASE_CANDIDATES_DIR
+
+    cached = Path(record["base_candidates"]["file"])
+    shipped = BASE_CANDIDATES_DIR / cached.name
+    assert not shipped.exists()
+    cached.replace(shipped)
+    try:
+        proc = _run([sys.executable, str(RECIPE), *_args(tiny_model_path, data, tmp_path / "run3"), "--downstream",
+                     str(bench), "--eval_limit_per_category", "3", "--num_candidates", "2", "--stage2_methods",
+                     "search", "--baselines", "task_only", "oracle", "--eval_max_new_tokens", "8",
+                     "--stage1_artifact", str(out), "--stage2_prior", "users"], _env(cache), timeout=600)
+    finally:
+        shipped.replace(cached)
     third = json.loads((tmp_path / "run3" / "downstream.json").read_text())
+    assert third["base_candidates"] == {**record["base_candidates"], "source": "shipped", "file": str(shipped)}
+    assert third["outcomes"]["task_only"] == record["outcomes"]["task_only"]
     import numpy as np
 
     from llm_safepref.methods.safe_cpl.artifact import read_users

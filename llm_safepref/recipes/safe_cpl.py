@@ -18,9 +18,12 @@ Design decisions:
   no downstream task and no benchmark, so stage 2 is skipped and the recipe says so and how to
   run it (``--downstream embedded --downstream_task module:function``).
 * The baselines that need only the base model's samples (task-only, oracle, RC) share one set
-  of K samples per prompt, cached by (model fingerprint, prompts, K, generation settings,
-  seed) under ``cache_root()/safe_cpl_downstream`` so a second run (another seed of Safe-CPL)
-  samples the base model zero times.
+  of K samples per prompt, keyed by :func:`base_candidates_key` (model fingerprint, prompts, K,
+  generation settings, judge, task reward, threads, library versions) and read from
+  ``cache_root()/safe_cpl_downstream``, then from the copy shipped for the defaults at 2 threads
+  (:data:`BASE_CANDIDATES_DIR`, as the PRESA recipe ships its base evaluation), so a second run
+  (another seed of Safe-CPL) and the default recipe sample the base model zero times. The
+  results file's ``base_candidates`` says which (``user-cache`` / ``shipped`` / ``sampled``).
 * The downstream results file keeps every method's per-prompt outcomes, so several seeds can
   be aggregated later with two-level intervals (``scripts/safe_cpl_table.py``).
 """
@@ -40,6 +43,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from trl import ScriptArguments  # noqa: E402
 
 __all__ = ["SafeCPLRecipeArguments", "SafeCPLRecipeRun", "run_safe_cpl_recipe"]
+
+
+
+#: The base model's judged K samples for the recipe's defaults at 2 threads, shipped with the package
+#: (``base-<key>.json``; produced by the recipe itself, see :func:`base_candidates_key`).
+BASE_CANDIDATES_DIR = Path(__file__).resolve().parent / "base_candidates"
+
+
+def base_candidates_key(model, prompts, *, k: int, max_new_tokens: int, temperature: float, top_p: float,
+                        batch_size: int, judge_version, task_reward: str, threads: int | None = None) -> str:
+    """The cache key of the base model's judged K samples: everything they depend on and nothing else.
+
+    The model's weights fingerprint, the prompts (ids and texts), K, the generation settings (the batch
+    size too: a batch's seed and its padding change the samples), the judge's version, the task reward's
+    name, ``torch.get_num_threads()`` and the versions of the libraries between weights and verdicts
+    (those of the base evaluation's cache key): a shipped file is read only where it would be reproduced.
+    """
+    import torch
+
+    from llm_safepref.methods.safe_cpl.downstream import cache_key
+    from llm_safepref.methods.safe_cpl.embeddings import model_fingerprint
+    from llm_safepref.recipes.base_eval import library_versions_key
+
+    return cache_key("base-candidates-v2", model_fingerprint(model), [p["id"] for p in prompts],
+                     [p["prompt"] for p in prompts], k, max_new_tokens, temperature, top_p, batch_size, 0,
+                     judge_version, task_reward, threads if threads is not None else torch.get_num_threads(),
+                     library_versions_key())
 
 
 @dataclass
@@ -280,24 +310,26 @@ class SafeCPLRecipeRun:
     # ------------------------------------------------------------------ stage 2 and the baselines
 
     def _base_candidates(self):
-        """The base model's K samples per test prompt, judged and scored (cached on disk)."""
+        """The base model's K samples per test prompt, judged and scored: read from this machine's cache, then
+        from the package's shipped copies (:data:`BASE_CANDIDATES_DIR`), else sampled and stored in the cache."""
         from llm_safepref.core.paths import cache_root
-        from llm_safepref.methods.safe_cpl.downstream import CandidateSet, cache_key, judge_candidates, \
-            sample_base_candidates
-        from llm_safepref.methods.safe_cpl.embeddings import model_fingerprint
+        from llm_safepref.methods.safe_cpl.downstream import CandidateSet, judge_candidates, sample_base_candidates
         from llm_safepref.models import load_model_and_tokenizer
 
         sa = self.script_args
         model, tok = load_model_and_tokenizer(self.model_path)
-        key = cache_key("base-candidates-v1", model_fingerprint(model), [p["id"] for p in self.prompts],
-                        [p["prompt"] for p in self.prompts], sa.num_candidates, sa.eval_max_new_tokens,
-                        sa.sample_temperature, sa.sample_top_p, sa.eval_batch_size, self.training_args.data_seed
-                        if self.training_args.data_seed is not None else 0, self.judge.version, self.task_reward.name,
-                        __import__("torch").get_num_threads())
+        key = base_candidates_key(model, self.prompts, k=sa.num_candidates, max_new_tokens=sa.eval_max_new_tokens,
+                                  temperature=sa.sample_temperature, top_p=sa.sample_top_p,
+                                  batch_size=sa.eval_batch_size, judge_version=self.judge.version,
+                                  task_reward=self.task_reward.name)
         path = cache_root() / "safe_cpl_downstream" / f"base-{key}.json"
-        if path.exists():
-            self._say(f"base model's candidates: cached ({path})")
-            return CandidateSet.load(path)
+        for source, candidate in (("user-cache", path), ("shipped", BASE_CANDIDATES_DIR / f"base-{key}.json")):
+            if candidate.exists():
+                cands = CandidateSet.load(candidate)
+                if (cands.meta or {}).get("key") == key:
+                    self._say(f"base model's candidates: {source} ({candidate})")
+                    self.base_candidates_source = {"source": source, "file": str(candidate), "key": key}
+                    return cands
         cands = sample_base_candidates(model, tok, self.prompts, sa.num_candidates,
                                        max_new_tokens=sa.eval_max_new_tokens, batch_size=sa.eval_batch_size,
                                        temperature=sa.sample_temperature, top_p=sa.sample_top_p, seed=0,
@@ -306,6 +338,7 @@ class SafeCPLRecipeRun:
         judge_candidates(cands, self.task_reward, self.judge)
         cands.meta = {"method": "base", "model": self.base_model, "key": key}
         cands.save(path)
+        self.base_candidates_source = {"source": "sampled", "file": str(path), "key": key}
         return cands
 
     def _stage2_gaussian(self, policy) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,7 +580,8 @@ class SafeCPLRecipeRun:
             n_prompts=len(self.prompts) if self.prompts else 0,
             generation={"max_new_tokens": sa.eval_max_new_tokens, "temperature": sa.sample_temperature,
                         "top_p": sa.sample_top_p, "batch_size": sa.eval_batch_size},
-            skipped=self.skipped, timings_s=self.timings, **(self.results or {}))
+            skipped=self.skipped, timings_s=self.timings,
+            base_candidates=getattr(self, "base_candidates_source", None), **(self.results or {}))
         out = Path(sa.results_file) if sa.results_file else self.output_dir / "downstream.json"
         write_json(out, record)
         if self.results:

@@ -47,7 +47,7 @@ from llm_safepref.core.fingerprint import cache_key, file_sha256, model_files_fi
 from llm_safepref.core.fingerprint import local_model_folder as _local_model_folder
 
 __all__ = ["CACHE_VERSION", "SHIPPED_DIR", "benchmark_identity", "cache_key", "cached_base_evaluation",
-           "file_sha256", "judge_key", "key_material", "lookup", "model_files_fingerprint", "ship", "store",
+           "file_sha256", "judge_key", "key_material", "library_versions_key", "lookup", "model_files_fingerprint", "ship", "store",
            "user_cache_dir"]
 
 #: Bump when the evaluation computes something different from the same inputs.
@@ -121,6 +121,12 @@ def _library_versions() -> dict[str, str | None]:
     except ImportError:
         pass
     return library_versions(tuple(names))
+
+
+def library_versions_key() -> dict[str, str | None]:
+    """The library versions a cached model output is keyed by (the base evaluation's; also the Safe-CPL recipe's
+    cached base samples)."""
+    return _library_versions()
 
 
 def key_material(*, model: str, benchmark: str, split: str, limit: int | None, limit_per_category: int | None,
