@@ -241,3 +241,35 @@ def test_two_gloo_processes_match_one(tiny_model_path, tmp_path, cache):
     ub = json.loads((two / "users.json").read_text())["users"]
     for user in ua:
         assert ub[user]["z"] == pytest.approx(ua[user]["z"], abs=1e-4), user
+
+
+def test_shipped_base_candidates_are_keyed_by_the_recipe_defaults_at_two_threads():
+    """The package's base samples are the ones the default recipe at 2 threads looks up: K judged samples of the
+    base model for every default test prompt. Fails after a change of any key input (model, prompts,
+    generation settings, judge, task, libraries): then re-ship (docs/safe_cpl.md, "Stage 2 and the table")."""
+    import numpy as np
+
+    from llm_safepref.judge import resolve_judge
+    from llm_safepref.methods.safe_cpl.downstream import CandidateSet, load_downstream_prompts
+    from llm_safepref.methods.safe_cpl.stage2 import resolve_task_reward
+    from llm_safepref.models import load_model_and_tokenizer
+    from llm_safepref.recipes.defaults import config_path
+    from llm_safepref.recipes.safe_cpl import BASE_CANDIDATES_DIR, SafeCPLRecipeArguments, base_candidates_key
+
+    d = yaml.safe_load(config_path("safe_cpl_lora").read_text())
+    fields = SafeCPLRecipeArguments.__dataclass_fields__
+    temperature, top_p = (d.get(n, fields[n].default) for n in ("sample_temperature", "sample_top_p"))
+    model, _ = load_model_and_tokenizer(d["model_name_or_path"])
+    prompts = load_downstream_prompts("embedded", d["eval_split"], limit_per_category=d["eval_limit_per_category"])
+    key = base_candidates_key(model, prompts, k=d["num_candidates"], max_new_tokens=d["eval_max_new_tokens"],
+                              temperature=temperature, top_p=top_p, batch_size=d["eval_batch_size"],
+                              judge_version=resolve_judge(None).version,
+                              task_reward=resolve_task_reward(d["downstream_task"]).name, threads=2)
+    shipped = BASE_CANDIDATES_DIR / f"base-{key}.json"
+    assert shipped.is_file(), f"no shipped base candidates for the defaults (key {key}); present: " + ", ".join(
+        p.name for p in BASE_CANDIDATES_DIR.glob("base-*.json"))
+    cands = CandidateSet.load(shipped)
+    assert cands.meta["key"] == key and cands.n == len(prompts) and cands.k == d["num_candidates"]
+    assert [p["id"] for p in cands.prompts] == [p["id"] for p in prompts]
+    assert all(r.strip() for row in cands.responses for r in row)
+    assert np.isfinite(np.asarray(cands.task_reward, dtype=float)).all()
