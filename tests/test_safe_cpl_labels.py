@@ -1,8 +1,12 @@
 """The project-labelled Safe-CPL answers (issue #11): the files, their join with the run, the recount.
 
-Files: ``llm_safepref/methods/safe_cpl/labels/main_seed0_{answers,labels}.jsonl`` (data card
-``data_cards/safe_cpl_label_set.md``), the run ``results/safe_cpl_crowd_v1/runs/main_seed0.json`` and the
-figures ``results/safe_cpl_crowd_v1/project_labels.json`` (``scripts/score_label_set.py``).
+Two label sets (data card ``data_cards/safe_cpl_label_set.md``), each checked the same way:
+
+* crowd-v1: ``llm_safepref/methods/safe_cpl/labels/main_seed0_{answers,labels}.jsonl``, the run
+  ``results/safe_cpl_crowd_v1/runs/main_seed0.json``, the figures ``results/safe_cpl_crowd_v1/project_labels.json``;
+* crowd-v2: ``crowd_v2_main_seed0_{answers,labels,labels_second_pass}.jsonl``, the run
+  ``results/safe_cpl_runs/main_seed0.json``, the figures ``results/safe_cpl_project_labels.json``
+  (``scripts/score_label_set.py``, with the method-blind second pass of the harmful-prompt rows).
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ RESULTS = REPO / "results" / "safe_cpl_crowd_v1" / "project_labels.json"
 METHODS = ("task_only", "safe_cpl_search", "safe_cpl_amortized")
 ANSWER_FIELDS = {"id", "method", "prompt_id", "category", "prompt", "response"}
 LABELLER = "project (AI engineer, guidelines v1)"
+SECOND_LABELLER = "project (AI engineer, guidelines v1, second pass)"
+SETS = {
+    "crowd_v1": {"answers": ANSWERS, "labels": LABELS, "run": RUN, "results": RESULTS, "limit": 30, "second": None},
+    "crowd_v2": {"answers": LABEL_DIR / "crowd_v2_main_seed0_answers.jsonl",
+                 "labels": LABEL_DIR / "crowd_v2_main_seed0_labels.jsonl",
+                 "run": REPO / "results" / "safe_cpl_runs" / "main_seed0.json",
+                 "results": REPO / "results" / "safe_cpl_project_labels.json", "limit": 50,
+                 "second": LABEL_DIR / "crowd_v2_main_seed0_labels_second_pass.jsonl"},
+}
 
 
 def _script(name):
@@ -39,24 +52,30 @@ def _jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def answers():
-    return _jsonl(ANSWERS)
+@pytest.fixture(scope="module", params=list(SETS))
+def ls(request):
+    """One label set's paths."""
+    return SETS[request.param]
 
 
 @pytest.fixture(scope="module")
-def labels():
-    return _jsonl(LABELS)
+def answers(ls):
+    return _jsonl(ls["answers"])
 
 
 @pytest.fixture(scope="module")
-def run():
-    return json.loads(RUN.read_text())
+def labels(ls):
+    return _jsonl(ls["labels"])
 
 
 @pytest.fixture(scope="module")
-def results():
-    return json.loads(RESULTS.read_text())
+def run(ls):
+    return json.loads(ls["run"].read_text())
+
+
+@pytest.fixture(scope="module")
+def results(ls):
+    return json.loads(ls["results"].read_text())
 
 
 # --- the files -------------------------------------------------------------------------------
@@ -87,10 +106,10 @@ def test_labels_one_to_one_and_boolean(answers, labels):
         assert row["labeller"] == LABELLER
 
 
-def test_answers_are_the_runs_kept_answers_on_the_benchmark_prompts(answers, run):
+def test_answers_are_the_runs_kept_answers_on_the_benchmark_prompts(answers, run, ls):
     from llm_safepref.methods.safe_cpl.downstream import load_downstream_prompts
 
-    prompts = load_downstream_prompts("embedded", "test", limit_per_category=30)
+    prompts = load_downstream_prompts("embedded", "test", limit_per_category=ls["limit"])
     for method in METHODS:
         rows = [r for r in answers if r["method"] == method]
         o = run["outcomes"][method]
@@ -100,11 +119,11 @@ def test_answers_are_the_runs_kept_answers_on_the_benchmark_prompts(answers, run
         assert [r["prompt"] for r in rows] == [p["prompt"] for p in prompts]
 
 
-def test_export_reproduces_the_answer_file(run, tmp_path):
+def test_export_reproduces_the_answer_file(ls, tmp_path):
     export = _script("export_label_set")
     out = tmp_path / "answers.jsonl"
-    assert export.main(["--run", str(RUN), "--out", str(out)]) == 0
-    assert out.read_text() == ANSWERS.read_text()
+    assert export.main(["--run", str(ls["run"]), "--out", str(out)]) == 0
+    assert out.read_text() == ls["answers"].read_text()
 
 
 def test_export_names_the_row_that_does_not_match(run, tmp_path):
@@ -165,13 +184,15 @@ def test_results_equal_a_recount(answers, labels, run, results, method):
     assert m["normalized_cost"] == pytest.approx(harm["project"] / task_harm["project"], abs=5e-5)
 
 
-def test_results_file_is_what_the_script_computes(results, monkeypatch):
+def test_results_file_is_what_the_script_computes(results, ls, monkeypatch):
     monkeypatch.chdir(REPO)  # the results file records the repository-relative paths it was built from
     score = _script("score_label_set")
-    fresh = json.loads(json.dumps(score.build(RUN.relative_to(REPO), ANSWERS.relative_to(REPO),
-                                              LABELS.relative_to(REPO))))
+    fresh = json.loads(json.dumps(score.build(
+        ls["run"].relative_to(REPO), ls["answers"].relative_to(REPO), ls["labels"].relative_to(REPO),
+        second_labels_path=ls["second"].relative_to(REPO) if ls["second"] else None)))
+    assert set(fresh) == set(results) - {"command", "git_revision", "versions", "lock_sha256", "machine", "date"}
     for key, value in fresh.items():
-        if key == "labelling":  # the label commit is looked up in git, absent in an exported tree
+        if key in ("labelling", "second_pass"):  # the label commit is looked up in git, absent in an exported tree
             assert {k: v for k, v in value.items() if k not in ("labels_commit", "date")} == \
                 {k: v for k, v in results[key].items() if k not in ("labels_commit", "date")}
         else:
@@ -190,16 +211,20 @@ def test_results_carry_the_run_record_and_labelling(results, labels):
     assert (REPO / "docs" / "judge_audit_guidelines.md").is_file()
 
 
-def test_labels_were_committed_before_the_results(results):
+def test_labels_were_committed_before_the_results(results, ls):
     """The label file's first commit is the one recorded, and the results file came after it."""
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
 
-    added = git("log", "--diff-filter=A", "--format=%H", "--", str(LABELS.relative_to(REPO))).stdout.split()
+    added = git("log", "--diff-filter=A", "--format=%H", "--", str(ls["labels"].relative_to(REPO))).stdout.split()
     if not added:
         pytest.skip("no git history here (exported tree)")
     assert results["labelling"]["labels_commit"] == added[-1]
-    results_added = git("log", "--diff-filter=A", "--format=%H", "--", str(RESULTS.relative_to(REPO))).stdout.split()
+    if ls["second"]:
+        second = git("log", "--diff-filter=A", "--format=%H", "--", str(ls["second"].relative_to(REPO))).stdout.split()
+        assert second and results["second_pass"]["labels_commit"] == second[-1]
+    results_added = git("log", "--diff-filter=A", "--format=%H", "--",
+                        str(ls["results"].relative_to(REPO))).stdout.split()
     if results_added:  # committed: the labels' commit must be an ancestor of the results' commit
         assert git("merge-base", "--is-ancestor", added[-1], results_added[-1]).returncode == 0
         assert added[-1] != results_added[-1]
@@ -277,3 +302,53 @@ def test_score_cli_writes_the_results_file(tmp_path):
     written = json.loads(out.read_text())
     assert written["methods"].keys() == set(METHODS)
     assert "--out" in written["command"]
+
+
+# --- the method-blind second pass (crowd-v2) ------------------------------------------------------
+
+
+def test_second_pass_covers_every_harmful_row_once():
+    second = SETS["crowd_v2"]["second"]
+    answers = {r["id"]: r for r in _jsonl(SETS["crowd_v2"]["answers"])}
+    rows = _jsonl(second)
+    harmful_ids = {i for i, r in answers.items() if r["category"] == "harmful"}
+    assert sorted(r["id"] for r in rows) == sorted(harmful_ids)
+    for row in rows:
+        assert set(row) == {"id", "harmful", "refusal", "note", "labeller"}
+        assert type(row["harmful"]) is bool and type(row["refusal"]) is bool
+        assert row["labeller"] == SECOND_LABELLER
+
+
+def test_second_pass_results_equal_a_recount():
+    s = SETS["crowd_v2"]
+    first = {r["id"]: r["harmful"] for r in _jsonl(s["labels"])}
+    second = {r["id"]: r["harmful"] for r in _jsonl(s["second"])}
+    out = json.loads(s["results"].read_text())["second_pass"]
+    for method in METHODS:
+        ids = [i for i in second if i.startswith(method + "|")]
+        m = out["methods"][method]
+        assert m["n_harmful_prompts"] == len(ids) == 50
+        assert m["harmful_rate"] == pytest.approx(sum(second[i] for i in ids) / len(ids), abs=5e-5)
+        agree = m["agreement_with_first_pass"]
+        assert agree["agree"] == sum(first[i] == second[i] for i in ids)
+        assert agree["first_only"] == sum(first[i] and not second[i] for i in ids)
+
+
+def test_cohen_kappa_hand_computed():
+    score = _script("score_label_set")
+    # a T T F F, b T F F F: observed 3/4; chance 0.5 * 0.25 + 0.5 * 0.75 = 0.5; kappa (0.75 - 0.5) / 0.5 = 0.5.
+    assert score.cohen_kappa([True, True, False, False], [True, False, False, False]) == pytest.approx(0.5)
+    assert score.cohen_kappa([True, False], [True, False]) == pytest.approx(1.0)
+    assert score.cohen_kappa([False, False], [False, False]) is None
+
+
+def test_second_pass_errors_name_the_row(tmp_path):
+    score = _script("score_label_set")
+    s = SETS["crowd_v2"]
+    rows = _jsonl(s["second"])
+    benign = next(r["id"] for r in _jsonl(s["answers"]) if r["category"] == "benign")
+    rows[4] = {**rows[4], "id": benign}
+    bad = tmp_path / "second.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"line 5: id '{benign}' is not a harmful-prompt row"):
+        score.build(s["run"], s["answers"], s["labels"], second_labels_path=bad)
