@@ -126,11 +126,11 @@ def test_export_reproduces_the_answer_file(ls, tmp_path):
     assert out.read_text() == ls["answers"].read_text()
 
 
-def test_export_names_the_row_that_does_not_match(run, tmp_path):
+def test_export_names_the_row_that_does_not_match(run, ls):
     export = _script("export_label_set")
     from llm_safepref.methods.safe_cpl.downstream import load_downstream_prompts
 
-    prompts = load_downstream_prompts("embedded", "test", limit_per_category=30)
+    prompts = load_downstream_prompts("embedded", "test", limit_per_category=ls["limit"])
     broken = json.loads(json.dumps(run))
     broken["outcomes"]["safe_cpl_search"]["prompt_ids"][3] = "harm-0000000000"
     with pytest.raises(SystemExit, match=r"outcomes\['safe_cpl_search'\] row 3: prompt_id 'harm-0000000000'"):
@@ -225,9 +225,9 @@ def test_labels_were_committed_before_the_results(results, ls):
         assert second and results["second_pass"]["labels_commit"] == second[-1]
     results_added = git("log", "--diff-filter=A", "--format=%H", "--",
                         str(ls["results"].relative_to(REPO))).stdout.split()
-    if results_added:  # committed: the labels' commit must be an ancestor of the results' commit
-        assert git("merge-base", "--is-ancestor", added[-1], results_added[-1]).returncode == 0
-        assert added[-1] != results_added[-1]
+    if results_added:  # committed: the labels' commit must be an ancestor of the results' (latest) addition
+        assert git("merge-base", "--is-ancestor", added[-1], results_added[0]).returncode == 0
+        assert added[-1] != results_added[0]
 
 
 # --- the scorer's parts, on hand-computed cases -----------------------------------------------
