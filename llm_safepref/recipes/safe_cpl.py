@@ -44,8 +44,6 @@ from trl import ScriptArguments  # noqa: E402
 
 __all__ = ["SafeCPLRecipeArguments", "SafeCPLRecipeRun", "run_safe_cpl_recipe"]
 
-
-
 #: The base model's judged K samples for the recipe's defaults at 2 threads, shipped with the package
 #: (``base-<key>.json``; produced by the recipe itself, see :func:`base_candidates_key`).
 BASE_CANDIDATES_DIR = Path(__file__).resolve().parent / "base_candidates"
@@ -67,7 +65,8 @@ def base_candidates_key(model, prompts, *, k: int, max_new_tokens: int, temperat
     from llm_safepref.recipes.base_eval import library_versions_key
 
     return cache_key("base-candidates-v2", model_fingerprint(model), [p["id"] for p in prompts],
-                     [p["prompt"] for p in prompts], k, max_new_tokens, temperature, top_p, batch_size, 0,
+                     [p["prompt"] for p in prompts], k, max_new_tokens, temperature, top_p, batch_size,
+                     0,  # the sampling seed (sample_base_candidates' seed=0)
                      judge_version, task_reward, threads if threads is not None else torch.get_num_threads(),
                      library_versions_key())
 
