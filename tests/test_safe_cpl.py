@@ -243,6 +243,51 @@ def test_reference_sees_no_soft_prompt(tiny_model_path, tmp_path):
     torch.testing.assert_close(out["z"], out["mu"])
 
 
+def test_reference_cache_hits_skip_the_reference_forward_bit_identically(tiny_model_path, tmp_path, monkeypatch):
+    """The reference sees no soft prompt, so its sums are memoised like PRESA's: a second run reads all of
+    them, and the two runs train to the same bits as a run with the cache off."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+
+    def run(name, cache):
+        trainer = make_trainer(tiny_model_path, tmp_path / name, max_steps=3, reference_logps_cache=cache)
+        calls, original = [], trainer._reference_logps
+        trainer._reference_logps = lambda *a, **k: calls.append(1) or original(*a, **k)
+        trainer.train()
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return trainer.reference_cache_report(), params, losses, len(calls)
+
+    off, p_off, l_off, n_off = run("off", False)
+    cold, p_cold, l_cold, n_cold = run("cold", True)
+    warm, p_warm, l_warm, n_warm = run("warm", True)
+    assert off == {"enabled": False, "reason": "reference_logps_cache: false"}
+    assert (n_off, n_cold, n_warm) == (3, 3, 0)
+    assert (cold["hits"], cold["misses"]) == (0, 3) and (warm["hits"], warm["misses"]) == (3, 0)
+    assert l_off == l_cold == l_warm and len(l_off) == 3
+    assert all(torch.equal(p_off[k], p_warm[k]) and torch.equal(p_off[k], p_cold[k]) for k in p_off)
+
+
+def test_merged_adapter_decodes_as_the_adapter_and_restores_the_base_weights_exactly(trained):
+    from peft.tuners.lora import LoraLayer
+
+    policy = SafeCPLPolicy.from_trainer(trained["trainer"])
+    layers = [m for m in policy.model.modules() if isinstance(m, LoraLayer)]
+    before = [m.get_base_layer().weight.detach().clone() for m in layers]
+    prompts, z = ["question 1?", "question 7? and more"], [0.5, -1.0, 0.0, 2.0]
+    unmerged = policy.next_token_logits(prompts, z=z)
+    with policy.merged_adapter():
+        assert all(m.merged for m in layers)
+        assert any(not torch.equal(m.get_base_layer().weight, w) for m, w in zip(layers, before))
+        with policy.merged_adapter():  # re-entrant: the inner block neither merges twice nor restores
+            pass
+        assert all(m.merged for m in layers)
+        merged = policy.next_token_logits(prompts, z=z)
+    assert not any(m.merged for m in layers)
+    assert all(torch.equal(m.get_base_layer().weight, w) for m, w in zip(layers, before))  # bit for bit
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert torch.equal(policy.next_token_logits(prompts, z=z), unmerged)
+
+
 def test_context_embeddings_cached_once_and_never_recomputed(tiny_model_path, tmp_path):
     trainer = make_trainer(tiny_model_path, tmp_path, max_steps=2)
     embedder = trainer.context_embedder

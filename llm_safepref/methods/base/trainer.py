@@ -174,6 +174,10 @@ class LabelledPreferenceTrainer(DPOTrainer):
     default_output_dir = "labelled-preference-output"
     #: The multiplier's constraint: ``"ge"`` (mean >= threshold) or ``"le"`` (a budget).
     constraint_sense = "ge"
+    #: Whether :meth:`condition_model_inputs` changes the *reference* forward's inputs. A method that
+    #: overrides the hook but hands the reference the batch as it is (Safe-CPL: no soft prompt for the
+    #: reference) sets ``False``, and its reference sums can then be memoised (``reference_logps_cache``).
+    conditions_reference_inputs = True
     _tag_names = ["trl", "llm_safepref"]
     _name = "Labelled preference"
 
@@ -477,7 +481,8 @@ class LabelledPreferenceTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in unwrapped.peft_config:
             return "the reference is a 'ref' adapter"
-        if type(self).condition_model_inputs is not LabelledPreferenceTrainer.condition_model_inputs:
+        if (type(self).condition_model_inputs is not LabelledPreferenceTrainer.condition_model_inputs
+                and self.conditions_reference_inputs):
             return f"{type(self).__name__} conditions the model's inputs (the reference's inputs are not the batch's)"
         active = [n for n, m in unwrapped.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0
                   and "lora_dropout" not in n]  # LoRA dropout is off with the adapter

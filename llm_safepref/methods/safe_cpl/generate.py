@@ -22,13 +22,20 @@ Design decisions:
   string is wrapped as a user message when the policy was trained on conversational rows.
 * Greedy by default; sampling is seeded (``seed=``) inside ``torch.random.fork_rng``, so the
   caller's RNG is left as it was.
+* Many generations with a frozen policy (stage 2) run inside :meth:`SafeCPLPolicy.merged_adapter`:
+  the LoRA deltas are folded into the base weights for the duration (one matmul per projection
+  instead of three; 21 s -> 16 s for a batch of 16 x 64 tokens on the embedded model, 2 CPU
+  threads), and on exit the base weights are put back *bit for bit* from a copy (PEFT's
+  ``unmerge`` subtracts the delta again, which leaves float rounding behind). Merged and unmerged
+  decoding agree up to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -161,6 +168,33 @@ class SafeCPLPolicy:
         return one.unsqueeze(0).expand(n, -1).clone()
 
     # ------------------------------------------------------------------ decoding
+
+    @contextlib.contextmanager
+    def merged_adapter(self) -> Iterator["SafeCPLPolicy"]:
+        """Decode with the LoRA deltas merged into the base weights; restore the base weights exactly after.
+
+        For many generations with the policy frozen (stage 2). Re-entrant (an inner call does nothing);
+        a policy without LoRA layers, or already merged, is left as it is. Not for training: the
+        adapter's weights are unchanged, but the base weights hold ``W + BA`` until the block exits.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        if getattr(self, "_merged", False) or not layers or any(getattr(m, "merged", False) for m in layers):
+            yield self
+            return
+        saved = [(m, m.get_base_layer().weight.detach().clone()) for m in layers]
+        self._merged = True
+        try:
+            for m in layers:
+                m.merge()
+            yield self
+        finally:
+            with torch.no_grad():
+                for m, weight in saved:
+                    m.get_base_layer().weight.copy_(weight)
+                    m.merged_adapters.clear()  # the weights are the unmerged ones again
+            self._merged = False
 
     def _prompt_ids(self, prompt) -> list[int]:
         tok = self.tokenizer

@@ -236,7 +236,9 @@ def generate_with_latents(policy, prompts: Sequence, z: torch.Tensor, *, max_new
     """One completion per ``(prompt, z)`` row (``len(prompts) == len(z)``), batched, seeded per batch.
 
     Rows are sorted by prompt length (less padding) and the outputs put back in order; the
-    seed of a batch is ``seed + batch index``, so the result depends on ``batch_size``.
+    seed of a batch is ``seed + batch index``, so the result depends on ``batch_size``. Decoding
+    runs with the LoRA deltas merged (:meth:`SafeCPLPolicy.merged_adapter`; the base weights are
+    restored exactly afterwards).
     """
     from tqdm.auto import tqdm
 
@@ -248,12 +250,13 @@ def generate_with_latents(policy, prompts: Sequence, z: torch.Tensor, *, max_new
     out: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
     policy.model.eval()
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        texts = policy.generate([prompts[i] for i in idx], z=z[idx], max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed + b)
-        for i, text in zip(idx, texts):
-            out[i] = text.strip()
-        bar.update(len(idx))
+    with policy.merged_adapter():
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start:start + batch_size]
+            texts = policy.generate([prompts[i] for i in idx], z=z[idx], max_new_tokens=max_new_tokens,
+                                    do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed + b)
+            for i, text in zip(idx, texts):
+                out[i] = text.strip()
+            bar.update(len(idx))
     bar.close()
     return out

@@ -131,6 +131,9 @@ class SafeCPLTrainer(PresaTrainer):
     config_class = SafeCPLConfig
     collator_class = SafeCPLCollator
     default_output_dir = "safe-cpl-output"
+    #: The reference forward sees no soft prompt (condition_model_inputs leaves it as it is), so its
+    #: sums depend on the batch alone and ``reference_logps_cache`` can memoise them.
+    conditions_reference_inputs = False
     _tag_names = ["trl", "safe-cpl", "llm_safepref"]
     _name = "Safe-CPL"
     # Only what methods.md records about the paper (no invented fields).
