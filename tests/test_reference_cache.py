@@ -99,6 +99,15 @@ def test_shipped_entries_are_read(tiny_model_path, tmp_path, cache_dir, monkeypa
     t2, p2, l2, calls = _train(tiny_model_path, tmp_path, "b", cache=True)
     assert calls == 0 and t2.reference_cache_report()["hits_by_source"] == {"shipped": 3}
     assert l1 == l2 and _same(p1, p2)
+    # Shipping another run's batches under the same key keeps the ones shipped before (two recipes, one key).
+    monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "other_cache"))
+    t3, *_ = _train(tiny_model_path, tmp_path, "c", cache=True, seed=1)
+    assert t3.reference_cache_report()["key"] == key and t3.reference_cache_report()["misses"] > 0
+    rc.ship(key, shipped_dir=shipped)
+    shipped_sigs = [json.loads(line)["sig"] for line in (shipped / key / "logps-shipped.jsonl").read_text().splitlines()]
+    assert len(shipped_sigs) == len(set(shipped_sigs)) == 3 + t3.reference_cache_report()["misses"]
+    rc.ship(key, shipped_dir=shipped, replace=True)
+    assert len((shipped / key / "logps-shipped.jsonl").read_text().splitlines()) == t3.reference_cache_report()["misses"]
 
 
 def test_off_where_it_would_not_be_exact(tiny_model_path, tmp_path, cache_dir):

@@ -142,10 +142,11 @@ class SafeCPLRecipeArguments(ScriptArguments):
     eval_batch_size: int = field(
         default=16, metadata={"help": "Generation batch size of the base model's and pooled DPO's samples and of "
                                       "greedy answers (it keys the base model's cached / shipped samples)."})
-    stage2_batch_size: int = field(
-        default=32, metadata={"help": "Generation batch size of the Safe-CPL candidates (search, amortised; decoded "
-                                      "with the LoRA merged). 32 rows cost 0.70x the time per row of 16 on the "
-                                      "embedded model at 2 CPU threads (docs/safe_cpl.md)."})
+    candidate_batch_size: int = field(
+        default=32, metadata={"help": "Generation batch size of the trained models' K candidates (Safe-CPL search "
+                                      "and amortised, pooled DPO; decoded with the LoRA merged). 32 rows cost 0.70x "
+                                      "the time per row of 16 on the embedded model at 2 CPU threads "
+                                      "(docs/safe_cpl.md)."})
     eval_judge: str = field(
         default="packaged",
         metadata={"help": "Judge of harm and refusal: 'packaged', an HF sequence-classification model, or "
@@ -374,7 +375,7 @@ class SafeCPLRecipeRun:
         z = compose_z(eps.reshape(n * k, d), mu, sigma)
         flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
         texts = generate_with_latents(policy, flat_prompts, z, max_new_tokens=sa.eval_max_new_tokens,
-                                      batch_size=sa.stage2_batch_size, temperature=sa.sample_temperature,
+                                      batch_size=sa.candidate_batch_size, temperature=sa.sample_temperature,
                                       top_p=sa.sample_top_p, seed=self.training_args.seed,
                                       progress=self.is_main_process, desc=desc)
         cands = CandidateSet(list(prompts), [texts[i * k:(i + 1) * k] for i in range(n)], eps=eps.numpy())
@@ -455,7 +456,7 @@ class SafeCPLRecipeRun:
 
             dpo_model, dpo_tok, extra["dpo_pooled_training"] = self._train_dpo_pooled()
             cands = sample_base_candidates(dpo_model, dpo_tok, self.prompts, k, max_new_tokens=sa.eval_max_new_tokens,
-                                           batch_size=sa.eval_batch_size, temperature=sa.sample_temperature,
+                                           batch_size=sa.candidate_batch_size, temperature=sa.sample_temperature,
                                            top_p=sa.sample_top_p, seed=seed, progress=self.is_main_process)
             judge_candidates(cands, self.task_reward, self.judge)
             outcomes["dpo_pooled"] = outcomes_of(cands, choose(cands.task_reward))
@@ -488,6 +489,8 @@ class SafeCPLRecipeRun:
         t0 = time.time()
         trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):  # only decoded from now on: one matmul per projection, not three
+            model = model.merge_and_unload()
         model.eval()
         logs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
         info = {"steps": trainer.state.global_step, "beta": ta.beta, "final_train_loss": logs[-1]["loss"] if logs
@@ -585,7 +588,7 @@ class SafeCPLRecipeRun:
             n_prompts=len(self.prompts) if self.prompts else 0,
             generation={"max_new_tokens": sa.eval_max_new_tokens, "temperature": sa.sample_temperature,
                         "top_p": sa.sample_top_p, "batch_size": sa.eval_batch_size,
-                        "stage2_batch_size": sa.stage2_batch_size, "stage2_merged_adapter": True},
+                        "candidate_batch_size": sa.candidate_batch_size, "candidates_merged_adapter": True},
             skipped=self.skipped, timings_s=self.timings,
             base_candidates=getattr(self, "base_candidates_source", None),
             reference_cache=self.trainer.reference_cache_report() if self.trainer is not None else None,

@@ -177,19 +177,31 @@ class ReferenceLogpsCache:
                 "hits_by_source": dict(self.hits_by_source), "user_folder": str(self.user_folder)}
 
 
-def ship(key: str, *, user_dir: Path | None = None, shipped_dir: Path | None = None) -> Path:
-    """Copy the user cache's entry ``key`` into the package (one merged, sorted JSONL)."""
-    src = (user_dir or user_cache_dir()) / key
-    record = json.loads((src / "record.json").read_text())
-    rows = {}
-    for path in sorted(src.glob("logps-*.jsonl")):
+def _rows(folder: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for path in sorted(folder.glob("logps-*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
                 rows.setdefault(row["sig"], row)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
+    return rows
+
+
+def ship(key: str, *, user_dir: Path | None = None, shipped_dir: Path | None = None, replace: bool = False) -> Path:
+    """Copy the user cache's entry ``key`` into the package (one merged, sorted JSONL).
+
+    Batches already shipped under ``key`` are kept (several recipes' default runs share one key: the
+    same model, threads and libraries), unless ``replace``.
+    """
+    src = (user_dir or user_cache_dir()) / key
+    record = json.loads((src / "record.json").read_text())
     dest = (shipped_dir or SHIPPED_DIR) / key
+    rows = {} if replace or not dest.exists() else _rows(dest)
+    kept = len(rows)
+    for sig, row in _rows(src).items():
+        rows.setdefault(sig, row)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -197,7 +209,7 @@ def ship(key: str, *, user_dir: Path | None = None, shipped_dir: Path | None = N
     with open(dest / "logps-shipped.jsonl", "w") as fh:
         for sig in sorted(rows):
             fh.write(json.dumps(rows[sig]) + "\n")
-    print(f"shipped {len(rows)} batches of {key} -> {dest}")
+    print(f"shipped {len(rows)} batches of {key} ({kept} kept from before) -> {dest}")
     return dest
 
 
@@ -209,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("ship", help="copy cache_root()/reference_logps/KEY into the package")
     s.add_argument("key", help="the entry's key (run_metrics.json: reference_cache.key)")
+    s.add_argument("--replace", action="store_true", help="drop the batches already shipped under KEY")
     args = parser.parse_args(argv)
     if not (user_cache_dir() / args.key / "record.json").is_file():
         parser.error(f"no entry {args.key!r} under {user_cache_dir()} (run make train first)")
-    ship(args.key)
+    ship(args.key, replace=args.replace)
     return 0
 
 
