@@ -103,9 +103,14 @@ def test_shipped_entries_are_read(tiny_model_path, tmp_path, cache_dir, monkeypa
     monkeypatch.setenv("LLM_SAFEPREF_CACHE", str(tmp_path / "other_cache"))
     t3, *_ = _train(tiny_model_path, tmp_path, "c", cache=True, seed=1)
     assert t3.reference_cache_report()["key"] == key and t3.reference_cache_report()["misses"] > 0
+    record_path = shipped / key / "record.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "command": "an earlier run",
+                                       "shipped_runs": None}))
     rc.ship(key, shipped_dir=shipped)
     shipped_sigs = [json.loads(line)["sig"] for line in (shipped / key / "logps-shipped.jsonl").read_text().splitlines()]
     assert len(shipped_sigs) == len(set(shipped_sigs)) == 3 + t3.reference_cache_report()["misses"]
+    runs = json.loads(record_path.read_text())["shipped_runs"]
+    assert [r["command"] for r in runs][0] == "an earlier run" and len(runs) == 2
     rc.ship(key, shipped_dir=shipped, replace=True)
     assert len((shipped / key / "logps-shipped.jsonl").read_text().splitlines()) == t3.reference_cache_report()["misses"]
 
@@ -129,5 +134,8 @@ def test_the_shipped_entry_matches_this_environment(embedded_model_path, tmp_pat
     record = rc.key_material(embedded_model_path, model, autocast=None, device_type="cpu", threads=2)
     cache = rc.ReferenceLogpsCache(record, user_dir=tmp_path / "empty")
     assert (rc.SHIPPED_DIR / cache.key / "record.json").is_file(), sorted(p.name for p in rc.SHIPPED_DIR.iterdir())
-    assert len(cache.entries) == 60 and set(cache.sources.values()) == {"shipped"}
+    # The default runs of recipes/presa_lora.py and recipes/safe_cpl_lora.py, 60 batches each (one key).
+    assert len(cache.entries) == 120 and set(cache.sources.values()) == {"shipped"}
+    commands = [r["command"] for r in json.loads((rc.SHIPPED_DIR / cache.key / "record.json").read_text())["shipped_runs"]]
+    assert any("presa_lora.py" in c for c in commands) and any("safe_cpl_lora.py" in c for c in commands)
     assert all(dtype == "float32" and len(values) == 8 for dtype, values in cache.entries.values())

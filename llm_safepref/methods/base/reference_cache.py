@@ -177,6 +177,9 @@ class ReferenceLogpsCache:
                 "hits_by_source": dict(self.hits_by_source), "user_folder": str(self.user_folder)}
 
 
+_PROVENANCE = ("command", "date", "git_revision", "machine")
+
+
 def _rows(folder: Path) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for path in sorted(folder.glob("logps-*.jsonl")):
@@ -200,6 +203,15 @@ def ship(key: str, *, user_dir: Path | None = None, shipped_dir: Path | None = N
     dest = (shipped_dir or SHIPPED_DIR) / key
     rows = {} if replace or not dest.exists() else _rows(dest)
     kept = len(rows)
+    # Which runs wrote the shipped batches: the earlier record's runs, then this one.
+    runs = []
+    if rows and (dest / "record.json").is_file():
+        before = json.loads((dest / "record.json").read_text())
+        runs = before.get("shipped_runs") or [{k: before[k] for k in _PROVENANCE if k in before}]
+    this_run = {k: record[k] for k in _PROVENANCE if k in record}
+    if this_run not in runs:
+        runs.append(this_run)
+    record["shipped_runs"] = runs
     for sig, row in _rows(src).items():
         rows.setdefault(sig, row)
     if dest.exists():
