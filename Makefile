@@ -17,7 +17,7 @@ env:
 
 ## The README's test command: set up, then the whole suite.
 test: env
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 ## The README's main job: PRESA LoRA on the embedded model and embedded data (defaults:
 ## llm_safepref/recipes/configs/presa_lora.yaml; docs/recipes.md).
