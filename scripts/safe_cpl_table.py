@@ -128,13 +128,14 @@ def aggregate(args) -> dict:
                 "safe_cpl_search_imbalanced", "safe_cpl_amortized_imbalanced"]
     missing = [m for m in expected if m not in methods]
     timings = {f"{arm}_seed{seed}": rec.get("timings_s", {}).get("total_s") for (arm, seed), rec in records.items()}
+    decoding = {f"{arm}_seed{seed}": decoding_of(rec) for (arm, seed), rec in sorted(records.items())}
     record = run_record(
         methods=methods, personalization=personalization, seeds=list(args.seeds), missing_methods=missing,
         dataset_version=dataset_version,
         n_prompts=len(first["task_only"]["prompt_ids"]),
         runs={f"{arm}_seed{seed}": str(runs / f"{arm}_seed{seed}.json") for (arm, seed) in records},
         run_commands={f"{arm}_seed{seed}": rec.get("command") for (arm, seed), rec in records.items()},
-        timings_s=timings,
+        timings_s=timings, decoding=decoding,
         goals={"normalized_cost_max": 0.10, "normalized_reward_min": 0.85, "over_refusal_max_over_task_only": 0.10},
         how="methods: llm_safepref.methods.safe_cpl.downstream.method_metrics over the seeds' per-prompt outcomes "
             "(two-level bootstrap: seeds, then prompts); task_only/oracle/the base-sample baselines share one set of "
@@ -148,6 +149,11 @@ def aggregate(args) -> dict:
         md.append("Personalisation (held-out users, goal satisfaction): " + ", ".join(
             f"{k} {v['goal_satisfaction']:.3f} [{v['goal_satisfaction_ci'][0]:.3f}, {v['goal_satisfaction_ci'][1]:.3f}]"
             for k, v in personalization.items()))
+    if len({json.dumps(d, sort_keys=True) for d in decoding.values()}) > 1:
+        md.append("\nThe runs decoded the trained models' candidates in different ways (the same method and sampling "
+                  "settings, another draw): " + "; ".join(
+                      f"{name}: batches of {d['candidate_batch_size']}, LoRA {'merged' if d['merged_adapter'] else 'unmerged'}"
+                      for name, d in decoding.items()) + ".")
     if missing:
         md.append(f"\nNot run yet (no result file of their arm in {runs}): {', '.join(missing)}.")
     out.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -155,6 +161,15 @@ def aggregate(args) -> dict:
     print(format_table(methods))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return record
+
+
+def decoding_of(rec: dict) -> dict:
+    """How a run decoded its trained models' candidates (before 2026-12-06: batches of ``batch_size``, unmerged;
+    then ``candidate_batch_size``, merged; e408935 called them ``stage2_batch_size`` / ``stage2_merged_adapter``)."""
+    g = rec.get("generation") or {}
+    size = g.get("candidate_batch_size", g.get("stage2_batch_size", g.get("batch_size")))
+    merged = g.get("candidates_merged_adapter", g.get("stage2_merged_adapter", False))
+    return {"candidate_batch_size": size, "merged_adapter": bool(merged)}
 
 
 def plot(methods: dict, path: Path) -> None:

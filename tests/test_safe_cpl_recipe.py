@@ -273,3 +273,34 @@ def test_shipped_base_candidates_are_keyed_by_the_recipe_defaults_at_two_threads
     assert [p["id"] for p in cands.prompts] == [p["id"] for p in prompts]
     assert all(r.strip() for row in cands.responses for r in row)
     assert np.isfinite(np.asarray(cands.task_reward, dtype=float)).all()
+
+
+def test_table_aggregates_seeds_and_says_when_their_decoding_differs(tmp_path):
+    """scripts/safe_cpl_table.py --aggregate_only on the committed seed-0 main run and a copy of it posing as seed 1
+    decoded the newer way: two seeds per trained row, one for the base-sample rows, and the difference named."""
+    import importlib.util
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("safe_cpl_table", root / "scripts" / "safe_cpl_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy(root / "results" / "safe_cpl_runs" / "main_seed0.json", runs / "main_seed0.json")
+    rec = json.loads((runs / "main_seed0.json").read_text())
+    assert table.decoding_of(rec) == {"candidate_batch_size": 16, "merged_adapter": False}
+    rec["generation"].update(candidate_batch_size=32, candidates_merged_adapter=True)
+    (runs / "main_seed1.json").write_text(json.dumps(rec))
+    out = tmp_path / "table.json"
+    table.main(["--seeds", "0", "1", "--runs_dir", str(runs), "--out", str(out), "--aggregate_only"])
+    result = json.loads(out.read_text())
+    assert result["methods"]["safe_cpl_search"]["n_seeds"] == 2 and result["methods"]["task_only"]["n_seeds"] == 1
+    assert result["decoding"]["main_seed1"] == {"candidate_batch_size": 32, "merged_adapter": True}
+    md = out.with_suffix(".md").read_text()
+    assert "main_seed0: batches of 16, LoRA unmerged; main_seed1: batches of 32, LoRA merged" in md
+    # The same decoding everywhere: nothing to say.
+    rec["generation"] = json.loads((runs / "main_seed0.json").read_text())["generation"]
+    (runs / "main_seed1.json").write_text(json.dumps(rec))
+    table.main(["--seeds", "0", "1", "--runs_dir", str(runs), "--out", str(out), "--aggregate_only"])
+    assert "decoded the trained models' candidates in different ways" not in out.with_suffix(".md").read_text()
