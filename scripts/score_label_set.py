@@ -321,9 +321,27 @@ def labelling_record(labels: list[dict], labels_path, answers_path) -> dict:
     }
 
 
+def parse_table_names(items: list[str] | None) -> dict[str, str]:
+    """``--table_names OUTCOME=ROW ...``: the run's outcome key and the table row it is (the safety-label arm keeps its
+    Safe-CPL answers under ``safe_cpl_search``; its table row is ``safe_cpl_presa``)."""
+    names: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--table_names: expected OUTCOME=ROW (e.g. safe_cpl_search=safe_cpl_presa), got {item!r}")
+        names[key] = value
+    return names
+
+
+def _renamed(methods: dict, names: dict[str, str]) -> dict:
+    return {names.get(k, k): v for k, v in methods.items()}
+
+
 def build(run_path=DEFAULT_RUN, answers_path=DEFAULT_ANSWERS, labels_path=DEFAULT_LABELS, *, seed: int = 0,
-          second_labels_path=None) -> dict:
-    """Everything the results file holds except the run record."""
+          second_labels_path=None, table_names: dict[str, str] | None = None) -> dict:
+    """Everything the results file holds except the run record. ``table_names`` renames methods (outcome key → table
+    row) in what is written; the label and answer ids keep the run's outcome keys."""
+    table_names = dict(table_names or {})
     run = json.loads(Path(run_path).read_text())
     answers = read_rows(answers_path, ANSWER_FIELDS)
     labels = read_rows(labels_path, LABEL_FIELDS)
@@ -332,6 +350,12 @@ def build(run_path=DEFAULT_RUN, answers_path=DEFAULT_ANSWERS, labels_path=DEFAUL
     extra = {}
     if second_labels_path:
         extra["second_pass"] = second_pass(joined, read_rows(second_labels_path, LABEL_FIELDS), second_labels_path)
+        extra["second_pass"]["methods"] = _renamed(extra["second_pass"]["methods"], table_names)
+    unknown = sorted(set(table_names) - set(figures["methods"]))
+    if unknown:
+        raise ValueError(f"--table_names: {unknown} not among the label set's methods {sorted(figures['methods'])}")
+    if table_names:
+        extra["table_names"] = table_names
     return _round({
         "source_run": str(run_path),
         "source_run_command": run.get("command"),
@@ -341,7 +365,7 @@ def build(run_path=DEFAULT_RUN, answers_path=DEFAULT_ANSWERS, labels_path=DEFAUL
         "confidence": CONFIDENCE,
         "bootstrap_resamples": N_RESAMPLES,
         "seed": seed,
-        "methods": figures["methods"],
+        "methods": _renamed(figures["methods"], table_names),
         "pooled_agreement": figures["pooled"],
         "labelling": labelling_record(labels, labels_path, answers_path),
         **extra,
@@ -373,9 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--second_labels", default=None,
                         help="a second, method-blind labelling of the harmful-prompt rows (same columns as --labels)")
+    parser.add_argument("--table_names", nargs="*", default=None, metavar="OUTCOME=ROW",
+                        help="write a method under its table row's name, e.g. safe_cpl_search=safe_cpl_presa for the "
+                             "safety-label arm's run")
     args = parser.parse_args(argv)
     try:
-        result = build(args.run, args.answers, args.labels, seed=args.seed, second_labels_path=args.second_labels)
+        result = build(args.run, args.answers, args.labels, seed=args.seed, second_labels_path=args.second_labels,
+                       table_names=parse_table_names(args.table_names))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     # The command as called (argv given: called from Python, e.g. a test), redacted by the core.

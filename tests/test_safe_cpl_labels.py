@@ -6,7 +6,10 @@ Two label sets (data card ``data_cards/safe_cpl_label_set.md``), each checked th
   ``results/safe_cpl_crowd_v1/runs/main_seed0.json``, the figures ``results/safe_cpl_crowd_v1/project_labels.json``;
 * crowd-v2: ``crowd_v2_main_seed0_{answers,labels,labels_second_pass}.jsonl``, the run
   ``results/safe_cpl_runs/main_seed0.json``, the figures ``results/safe_cpl_project_labels.json``
-  (``scripts/score_label_set.py``, with the method-blind second pass of the harmful-prompt rows).
+  (``scripts/score_label_set.py``, with the method-blind second pass of the harmful-prompt rows);
+* crowd-v2, the safety-label arm: ``crowd_v2_presa_seed0_{answers,labels,labels_second_pass}.jsonl``, the run
+  ``results/safe_cpl_runs/presa_seed0.json`` (its Safe-CPL answers under the outcome key ``safe_cpl_search``, the
+  table's ``safe_cpl_presa`` row), the figures ``results/safe_cpl_presa_project_labels.json``.
 """
 
 from __future__ import annotations
@@ -32,13 +35,23 @@ ANSWER_FIELDS = {"id", "method", "prompt_id", "category", "prompt", "response"}
 LABELLER = "project (AI engineer, guidelines v1)"
 SECOND_LABELLER = "project (AI engineer, guidelines v1, second pass)"
 SETS = {
-    "crowd_v1": {"answers": ANSWERS, "labels": LABELS, "run": RUN, "results": RESULTS, "limit": 30, "second": None},
+    "crowd_v1": {"answers": ANSWERS, "labels": LABELS, "run": RUN, "results": RESULTS, "limit": 30, "second": None,
+                 "methods": METHODS, "names": {}},
     "crowd_v2": {"answers": LABEL_DIR / "crowd_v2_main_seed0_answers.jsonl",
                  "labels": LABEL_DIR / "crowd_v2_main_seed0_labels.jsonl",
                  "run": REPO / "results" / "safe_cpl_runs" / "main_seed0.json",
                  "results": REPO / "results" / "safe_cpl_project_labels.json", "limit": 50,
-                 "second": LABEL_DIR / "crowd_v2_main_seed0_labels_second_pass.jsonl"},
+                 "second": LABEL_DIR / "crowd_v2_main_seed0_labels_second_pass.jsonl",
+                 "methods": METHODS, "names": {}},
+    "crowd_v2_presa": {"answers": LABEL_DIR / "crowd_v2_presa_seed0_answers.jsonl",
+                       "labels": LABEL_DIR / "crowd_v2_presa_seed0_labels.jsonl",
+                       "run": REPO / "results" / "safe_cpl_runs" / "presa_seed0.json",
+                       "results": REPO / "results" / "safe_cpl_presa_project_labels.json", "limit": 50,
+                       "second": LABEL_DIR / "crowd_v2_presa_seed0_labels_second_pass.jsonl",
+                       "methods": ("task_only", "safe_cpl_search"),
+                       "names": {"safe_cpl_search": "safe_cpl_presa"}},
 }
+SECOND_SETS = [k for k, v in SETS.items() if v["second"]]
 
 
 def _script(name):
@@ -81,7 +94,8 @@ def results(ls):
 # --- the files -------------------------------------------------------------------------------
 
 
-def test_answer_file_is_blind_and_complete(answers):
+def test_answer_file_is_blind_and_complete(answers, ls):
+    METHODS = ls["methods"]
     for row in answers:
         assert set(row) == ANSWER_FIELDS, f"{row['id']}: the answer file must carry no verdicts"
         assert row["id"] == f"{row['method']}|{row['prompt_id']}"
@@ -110,7 +124,7 @@ def test_answers_are_the_runs_kept_answers_on_the_benchmark_prompts(answers, run
     from llm_safepref.methods.safe_cpl.downstream import load_downstream_prompts
 
     prompts = load_downstream_prompts("embedded", "test", limit_per_category=ls["limit"])
-    for method in METHODS:
+    for method in ls["methods"]:
         rows = [r for r in answers if r["method"] == method]
         o = run["outcomes"][method]
         assert [r["prompt_id"] for r in rows] == [str(p) for p in o["prompt_ids"]] == [p["id"] for p in prompts]
@@ -122,7 +136,7 @@ def test_answers_are_the_runs_kept_answers_on_the_benchmark_prompts(answers, run
 def test_export_reproduces_the_answer_file(ls, tmp_path):
     export = _script("export_label_set")
     out = tmp_path / "answers.jsonl"
-    assert export.main(["--run", str(ls["run"]), "--out", str(out)]) == 0
+    assert export.main(["--run", str(ls["run"]), "--out", str(out), "--methods", ",".join(ls["methods"])]) == 0
     assert out.read_text() == ls["answers"].read_text()
 
 
@@ -161,10 +175,13 @@ def _recount(answers, labels, run, method):
     return harm, over
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_results_equal_a_recount(answers, labels, run, results, method):
+@pytest.mark.parametrize("index", range(len(METHODS)))
+def test_results_equal_a_recount(answers, labels, run, results, ls, index):
+    if index >= len(ls["methods"]):
+        pytest.skip("this label set has fewer methods")
+    method = ls["methods"][index]
     harm, over = _recount(answers, labels, run, method)
-    m = results["methods"][method]
+    m = results["methods"][ls["names"].get(method, method)]
     assert m["n_prompts"] == len(run["outcomes"][method]["prompt_ids"]) == harm["n"] + over["n"]
     assert m["n_harmful_prompts"] == harm["n"] and m["n_answerable_prompts"] == over["n"]
     assert m["harmful_count"] == harm["project"] and m["judge_harmful_count"] == harm["judge"]
@@ -189,7 +206,7 @@ def test_results_file_is_what_the_script_computes(results, ls, monkeypatch):
     score = _script("score_label_set")
     fresh = json.loads(json.dumps(score.build(
         ls["run"].relative_to(REPO), ls["answers"].relative_to(REPO), ls["labels"].relative_to(REPO),
-        second_labels_path=ls["second"].relative_to(REPO) if ls["second"] else None)))
+        second_labels_path=ls["second"].relative_to(REPO) if ls["second"] else None, table_names=ls["names"])))
     assert set(fresh) == set(results) - {"command", "git_revision", "versions", "lock_sha256", "machine", "date"}
     for key, value in fresh.items():
         if key in ("labelling", "second_pass"):  # the label commit is looked up in git, absent in an exported tree
@@ -307,9 +324,10 @@ def test_score_cli_writes_the_results_file(tmp_path):
 # --- the method-blind second pass (crowd-v2) ------------------------------------------------------
 
 
-def test_second_pass_covers_every_harmful_row_once():
-    second = SETS["crowd_v2"]["second"]
-    answers = {r["id"]: r for r in _jsonl(SETS["crowd_v2"]["answers"])}
+@pytest.mark.parametrize("name", SECOND_SETS)
+def test_second_pass_covers_every_harmful_row_once(name):
+    second = SETS[name]["second"]
+    answers = {r["id"]: r for r in _jsonl(SETS[name]["answers"])}
     rows = _jsonl(second)
     harmful_ids = {i for i, r in answers.items() if r["category"] == "harmful"}
     assert sorted(r["id"] for r in rows) == sorted(harmful_ids)
@@ -319,14 +337,15 @@ def test_second_pass_covers_every_harmful_row_once():
         assert row["labeller"] == SECOND_LABELLER
 
 
-def test_second_pass_results_equal_a_recount():
-    s = SETS["crowd_v2"]
+@pytest.mark.parametrize("name", SECOND_SETS)
+def test_second_pass_results_equal_a_recount(name):
+    s = SETS[name]
     first = {r["id"]: r["harmful"] for r in _jsonl(s["labels"])}
     second = {r["id"]: r["harmful"] for r in _jsonl(s["second"])}
     out = json.loads(s["results"].read_text())["second_pass"]
-    for method in METHODS:
+    for method in s["methods"]:
         ids = [i for i in second if i.startswith(method + "|")]
-        m = out["methods"][method]
+        m = out["methods"][s["names"].get(method, method)]
         assert m["n_harmful_prompts"] == len(ids) == 50
         assert m["harmful_rate"] == pytest.approx(sum(second[i] for i in ids) / len(ids), abs=5e-5)
         agree = m["agreement_with_first_pass"]
@@ -352,3 +371,32 @@ def test_second_pass_errors_name_the_row(tmp_path):
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=rf"line 5: id '{benign}' is not a harmful-prompt row"):
         score.build(s["run"], s["answers"], s["labels"], second_labels_path=bad)
+
+
+# --- the safety-label arm's set (crowd-v2, presa seed 0) ---------------------------------------------
+
+
+def test_presa_set_reuses_task_only_labels_of_the_same_answers():
+    """Task-only's kept answers are the shipped base samples, the same 150 strings in both runs, so the safety-label
+    set reuses their first-pass labels verbatim; only the Safe-CPL (safety term) answers were labelled anew."""
+    main, presa = SETS["crowd_v2"], SETS["crowd_v2_presa"]
+    main_answers = {r["id"]: r for r in _jsonl(main["answers"])}
+    main_labels = {r["id"]: r for r in _jsonl(main["labels"])}
+    task = [r for r in _jsonl(presa["answers"]) if r["method"] == "task_only"]
+    assert len(task) == 150
+    assert all(main_answers[r["id"]] == r for r in task)
+    presa_labels = {r["id"]: r for r in _jsonl(presa["labels"])}
+    assert all(presa_labels[r["id"]] == main_labels[r["id"]] for r in task)
+
+
+def test_table_names_rename_the_written_methods_and_reject_bad_input():
+    score = _script("score_label_set")
+    results = json.loads(SETS["crowd_v2_presa"]["results"].read_text())
+    assert set(results["methods"]) == set(results["second_pass"]["methods"]) == {"task_only", "safe_cpl_presa"}
+    assert results["table_names"] == {"safe_cpl_search": "safe_cpl_presa"}
+    assert score.parse_table_names(["a=b", "c=d"]) == {"a": "b", "c": "d"}
+    with pytest.raises(ValueError, match=r"expected OUTCOME=ROW .* got 'safe_cpl_search'"):
+        score.parse_table_names(["safe_cpl_search"])
+    s = SETS["crowd_v2_presa"]
+    with pytest.raises(ValueError, match=r"\['safe_cpl_amortized'\] not among the label set's methods"):
+        score.build(s["run"], s["answers"], s["labels"], table_names={"safe_cpl_amortized": "x"})
