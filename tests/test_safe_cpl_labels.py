@@ -34,22 +34,23 @@ METHODS = ("task_only", "safe_cpl_search", "safe_cpl_amortized")
 ANSWER_FIELDS = {"id", "method", "prompt_id", "category", "prompt", "response"}
 LABELLER = "project (AI engineer, guidelines v1)"
 SECOND_LABELLER = "project (AI engineer, guidelines v1, second pass)"
+
+
+def _crowd_v2(arm: str, results: str, methods=METHODS, names=None) -> dict:
+    """A crowd-v2 label set: the answers, first and second passes of ``<arm>_seed0``'s kept answers."""
+    stem = LABEL_DIR / f"crowd_v2_{arm}_seed0"
+    return {"answers": Path(f"{stem}_answers.jsonl"), "labels": Path(f"{stem}_labels.jsonl"),
+            "second": Path(f"{stem}_labels_second_pass.jsonl"),
+            "run": REPO / "results" / "safe_cpl_runs" / f"{arm}_seed0.json", "results": REPO / "results" / results,
+            "limit": 50, "methods": methods, "names": names or {}}
+
+
 SETS = {
     "crowd_v1": {"answers": ANSWERS, "labels": LABELS, "run": RUN, "results": RESULTS, "limit": 30, "second": None,
                  "methods": METHODS, "names": {}},
-    "crowd_v2": {"answers": LABEL_DIR / "crowd_v2_main_seed0_answers.jsonl",
-                 "labels": LABEL_DIR / "crowd_v2_main_seed0_labels.jsonl",
-                 "run": REPO / "results" / "safe_cpl_runs" / "main_seed0.json",
-                 "results": REPO / "results" / "safe_cpl_project_labels.json", "limit": 50,
-                 "second": LABEL_DIR / "crowd_v2_main_seed0_labels_second_pass.jsonl",
-                 "methods": METHODS, "names": {}},
-    "crowd_v2_presa": {"answers": LABEL_DIR / "crowd_v2_presa_seed0_answers.jsonl",
-                       "labels": LABEL_DIR / "crowd_v2_presa_seed0_labels.jsonl",
-                       "run": REPO / "results" / "safe_cpl_runs" / "presa_seed0.json",
-                       "results": REPO / "results" / "safe_cpl_presa_project_labels.json", "limit": 50,
-                       "second": LABEL_DIR / "crowd_v2_presa_seed0_labels_second_pass.jsonl",
-                       "methods": ("task_only", "safe_cpl_search"),
-                       "names": {"safe_cpl_search": "safe_cpl_presa"}},
+    "crowd_v2": _crowd_v2("main", "safe_cpl_project_labels.json"),
+    "crowd_v2_presa": _crowd_v2("presa", "safe_cpl_presa_project_labels.json", ("task_only", "safe_cpl_search"),
+                                {"safe_cpl_search": "safe_cpl_presa"}),
 }
 SECOND_SETS = [k for k, v in SETS.items() if v["second"]]
 
