@@ -36,12 +36,12 @@ LABELLER = "project (AI engineer, guidelines v1)"
 SECOND_LABELLER = "project (AI engineer, guidelines v1, second pass)"
 
 
-def _crowd_v2(arm: str, results: str, methods=METHODS, names=None) -> dict:
-    """A crowd-v2 label set: the answers, first and second passes of ``<arm>_seed0``'s kept answers."""
-    stem = LABEL_DIR / f"crowd_v2_{arm}_seed0"
+def _crowd_v2(arm: str, results: str, methods=METHODS, names=None, seed: int = 0) -> dict:
+    """A crowd-v2 label set: the answers, first and second passes of ``<arm>_seed<seed>``'s kept answers."""
+    stem = LABEL_DIR / f"crowd_v2_{arm}_seed{seed}"
     return {"answers": Path(f"{stem}_answers.jsonl"), "labels": Path(f"{stem}_labels.jsonl"),
             "second": Path(f"{stem}_labels_second_pass.jsonl"),
-            "run": REPO / "results" / "safe_cpl_runs" / f"{arm}_seed0.json", "results": REPO / "results" / results,
+            "run": REPO / "results" / "safe_cpl_runs" / f"{arm}_seed{seed}.json", "results": REPO / "results" / results,
             "limit": 50, "methods": methods, "names": names or {}}
 
 
@@ -51,6 +51,8 @@ SETS = {
     "crowd_v2": _crowd_v2("main", "safe_cpl_project_labels.json"),
     "crowd_v2_presa": _crowd_v2("presa", "safe_cpl_presa_project_labels.json", ("task_only", "safe_cpl_search"),
                                 {"safe_cpl_search": "safe_cpl_presa"}),
+    "crowd_v2_presa_seed2": _crowd_v2("presa", "safe_cpl_presa_seed2_project_labels.json",
+                                      ("task_only", "safe_cpl_search"), {"safe_cpl_search": "safe_cpl_presa"}, seed=2),
 }
 SECOND_SETS = [k for k, v in SETS.items() if v["second"]]
 
@@ -377,10 +379,11 @@ def test_second_pass_errors_name_the_row(tmp_path):
 # --- the safety-label arm's set (crowd-v2, presa seed 0) ---------------------------------------------
 
 
-def test_presa_set_reuses_task_only_labels_of_the_same_answers():
-    """Task-only's kept answers are the shipped base samples, the same 150 strings in both runs, so the safety-label
-    set reuses their first-pass labels verbatim; only the Safe-CPL (safety term) answers were labelled anew."""
-    main, presa = SETS["crowd_v2"], SETS["crowd_v2_presa"]
+@pytest.mark.parametrize("name", ["crowd_v2_presa", "crowd_v2_presa_seed2"])
+def test_presa_set_reuses_task_only_labels_of_the_same_answers(name):
+    """Task-only's kept answers are the shipped base samples, the same 150 strings in every run, so the safety-label
+    sets reuse their first-pass labels verbatim; only the Safe-CPL (safety term) answers were labelled anew."""
+    main, presa = SETS["crowd_v2"], SETS[name]
     main_answers = {r["id"]: r for r in _jsonl(main["answers"])}
     main_labels = {r["id"]: r for r in _jsonl(main["labels"])}
     task = [r for r in _jsonl(presa["answers"]) if r["method"] == "task_only"]
