@@ -68,6 +68,12 @@ CHILD = textwrap.dedent(
             json.dump({"nu": trainer.nu, "rank_nus": all_nus, "logs": logs,
                        "world_size": trainer.accelerator.num_processes,
                        "restore_callback_states": args.restore_callback_states_from_checkpoint}, f)
+    # Tear the process group down before the interpreter exits: left to exit, gloo's threads can abort a rank
+    # ("terminate called without an active exception", exit -6) after training has finished (seen once in CI).
+    trainer.accelerator.wait_for_everyone()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     '''
 )
 
